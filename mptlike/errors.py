@@ -1,0 +1,12 @@
+"""The one exception type for bad user input.
+
+Every message is a single sentence that names what is wrong (key, file, value) and how to fix it.
+Command-line entry points catch it, print the sentence without a traceback and exit with code 2.
+"""
+
+
+class MptlikeError(ValueError):
+    """A user-facing error: bad config value, missing or corrupt file, unsupported option."""
+
+
+EXIT_USAGE = 2
