@@ -261,6 +261,9 @@ def _atomic_write(path: Path, write) -> None:
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it owner-only; a saved model is for sharing
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

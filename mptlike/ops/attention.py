@@ -269,7 +269,6 @@ def _import_flash_attn():
     return flash_attn
 
 
-@torch.compiler.disable
 def _varlen_layout(sequence_id: Tensor, q_len: int) -> tuple[Tensor | None, Tensor, Tensor, int, int]:
     """Documents as flash-attn varlen sequences.
 
@@ -277,7 +276,8 @@ def _varlen_layout(sequence_id: Tensor, q_len: int) -> tuple[Tensor | None, Tens
     among the last ``q_len`` of the row, so the queries keep their flat ``(B * q_len)`` order. Runs
     that hold no query (only while decoding) are dropped with their keys, since no query sees them.
     Returns the flat indices of the kept keys into ``(B * Sk)`` (None when all are kept), the int32
-    ``cu_seqlens`` of queries and keys, and the longest query and key lengths.
+    ``cu_seqlens`` of queries and keys, and the longest query and key lengths. The ``.item()`` calls
+    are a graph break under torch.compile; they are cheap next to the attention they set up.
     """
     batch, k_len = sequence_id.shape
     starts = torch.ones_like(sequence_id, dtype=torch.bool)
