@@ -16,6 +16,8 @@ Backends:
     flex   ``flex_attention`` with ALiBi as a score_mod and a (block-sparse) causal/document
            BlockMask; compiled on GPU, eager forward-only on CPU.
     flash  flash-attn 2 with its native ALiBi; documents go through the varlen kernel.
+    triton our FlashAttention-2 Triton kernel (mptlike.ops.triton_attention): ALiBi from the slopes in
+           registers, causal and document block skipping, GQA; CUDA (or TRITON_INTERPRET=1 on CPU).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from torch import Tensor
 from mptlike.errors import MptlikeError
 from mptlike.ops.alibi import alibi_bias
 
-ATTN_IMPLS: tuple[str, ...] = ("torch", "sdpa", "flex", "flash")
+ATTN_IMPLS: tuple[str, ...] = ("torch", "sdpa", "flex", "flash", "triton")
 
 _FLASH_INSTALL_HINT = "pip install 'mptlike[flash]'"
 
@@ -53,6 +55,12 @@ def check_attn_impl(impl: str) -> None:
             ) from exc
     if impl == "flash":
         _import_flash_attn()
+    if impl == "triton":
+        # Raises naming `pip install 'mptlike[triton]'` when triton is missing, or the fix when
+        # there is no CUDA device (TRITON_INTERPRET=1 runs the kernels on CPU, slowly).
+        from mptlike.ops.triton_attention import check_triton_attention
+
+        check_triton_attention()
 
 
 def attention(
@@ -333,9 +341,26 @@ def _flash_attention(q, k, v, scale, slopes, sequence_id, dropout_p):
     return out.view(batch, q_len, n_heads, head_dim).to(out_dtype)
 
 
+# ---------------------------------------------------------------------------------------------
+# triton
+
+
+def _triton_attention(q, k, v, scale, slopes, sequence_id, dropout_p):
+    if dropout_p > 0.0:
+        raise MptlikeError(
+            f"model.attn_impl=triton has no attention dropout but model.attn_pdrop={dropout_p}; "
+            "set model.attn_pdrop=0 or use model.attn_impl=sdpa."
+        )
+    # Imported here: the kernels compile on first use and triton is an optional extra.
+    from mptlike.ops.triton_attention import triton_attention
+
+    return triton_attention(q, k, v, softmax_scale=scale, alibi_slopes=slopes, sequence_id=sequence_id)
+
+
 _BACKENDS: dict[str, Callable[..., Tensor]] = {
     "torch": _torch_attention,
     "sdpa": _sdpa_attention,
     "flex": _flex_attention,
     "flash": _flash_attention,
+    "triton": _triton_attention,
 }
