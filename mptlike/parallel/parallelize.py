@@ -1,0 +1,123 @@
+"""Apply activation checkpointing, torch.compile and FSDP2 to a model from the outside.
+
+The order is torchtitan's: checkpoint each block, compile each (checkpointed) block, then shard each
+block and finally the root. Checkpointing first means the recomputation sits inside the compiled
+region; sharding last means FSDP2's all-gather and reduce-scatter hooks wrap everything else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from mptlike.errors import MptlikeError
+
+AC_MODES = ("none", "full", "every_k")
+AcMode = Literal["none", "full", "every_k"]
+
+
+@dataclass(frozen=True)
+class ParallelPlan:
+    """How to parallelize a model; validated here so inner code can trust it."""
+
+    ac_mode: str = "none"  # none | full (every block) | every_k (every ac_every-th block)
+    ac_every: int = 2
+    compile: bool = False
+    reshard_after_forward: bool = True  # True: ZeRO-3 (full sharding); False: keep params gathered until backward
+
+    def __post_init__(self) -> None:
+        if self.ac_mode not in AC_MODES:
+            raise MptlikeError(
+                f"parallel.activation_checkpointing={self.ac_mode!r} is unknown: choose one of {', '.join(AC_MODES)}"
+            )
+        if self.ac_mode == "every_k" and self.ac_every < 1:
+            raise MptlikeError(f"parallel.ac_every={self.ac_every} is invalid: use a positive integer")
+
+
+def model_blocks(model: nn.Module) -> nn.ModuleList:
+    """The repeated blocks: the unit of checkpointing, compilation and sharding."""
+    try:
+        return model.transformer.blocks
+    except AttributeError as exc:
+        raise TypeError(f"{type(model).__name__} has no transformer.blocks to parallelize") from exc
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) -> int:
+    """Wrap blocks so their activations are recomputed in backward; returns how many were wrapped."""
+    if mode == "none":
+        return 0
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    blocks = model_blocks(model)
+    step = 1 if mode == "full" else every
+    wrapped = 0
+    for i, block in enumerate(blocks):
+        if i % step == 0:
+            # Non-reentrant checkpointing works with keyword arguments, FSDP2 hooks and compile.
+            blocks[i] = checkpoint_wrapper(block, preserve_rng_state=True)
+            wrapped += 1
+    return wrapped
+
+
+def apply_compile(model: nn.Module) -> None:
+    """Compile every block in place: `Module.compile` keeps parameter names free of `_orig_mod`."""
+    for block in model_blocks(model):
+        block.compile(fullgraph=False)
+
+
+def apply_fsdp(
+    model: nn.Module,
+    mesh: "torch.distributed.device_mesh.DeviceMesh",
+    *,
+    param_dtype: torch.dtype | None,
+    reduce_dtype: torch.dtype | None,
+    reshard_after_forward: bool = True,
+) -> None:
+    """fully_shard each block, then the root (embeddings, final norm and any untied head)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    blocks = model_blocks(model)
+    for i, block in enumerate(blocks):
+        # The last block's parameters are needed again right away by backward: keeping them
+        # gathered saves one all-gather per step at the cost of one block's memory.
+        reshard = reshard_after_forward and i < len(blocks) - 1
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+
+
+def parallelize(
+    model: nn.Module,
+    plan: ParallelPlan,
+    *,
+    mesh: "torch.distributed.device_mesh.DeviceMesh | None" = None,
+    param_dtype: torch.dtype | None = None,
+    reduce_dtype: torch.dtype | None = torch.float32,
+) -> nn.Module:
+    """Activation checkpointing, then compile, then FSDP2 when a mesh with more than one rank is given.
+
+    The model may (and for large models should) still be on the meta device; materialize it
+    afterwards with `mptlike.parallel.materialize`. With no mesh, or a mesh of one rank, nothing is
+    sharded and mixed precision is left to autocast.
+    """
+    apply_activation_checkpointing(model, plan.ac_mode, plan.ac_every)
+    if plan.compile:
+        apply_compile(model)
+    if mesh is not None and mesh.size() > 1:
+        apply_fsdp(
+            model,
+            mesh,
+            param_dtype=param_dtype,
+            reduce_dtype=reduce_dtype,
+            reshard_after_forward=plan.reshard_after_forward,
+        )
+    return model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)

@@ -1,0 +1,208 @@
+"""The training config: a typed schema under Hydra's config tree, composed without side effects.
+
+`compose_config(overrides)` uses Hydra's compose API instead of `@hydra.main`: nothing is written,
+no output folder or logging is set up, and every error surfaces as one exception that the command
+line turns into one line. The schema below is registered as the base of `conf/config.yaml`, so an
+unknown key or a value of the wrong type fails during composition with the key named.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from omegaconf import MISSING
+
+from mptlike.errors import MptlikeError
+from mptlike.model import MPTConfig
+
+SCHEMA_NAME = "mptlike_schema"
+
+
+@dataclass
+class DataConfig:
+    # A folder written by `mptlike-prep`. null means the default corpus (Python's standard library
+    # docs and sources, BPE-tokenized) under $MPTLIKE_DATA (default ./data), prepared when missing.
+    # The schema leaves it unset so that `data=folder` without `data.path=DIR` is an error.
+    path: Optional[str] = MISSING
+    vocab_size: int = 8192  # BPE size of the default corpus; ignored for a user folder
+    num_workers: int = 0
+    verify: bool = False  # check every shard's sha256 before training
+
+
+@dataclass
+class TrainerConfig:
+    backend: str = "lightning"  # lightning | composer (mptlike.train.composer_runner, needs MosaicML Composer)
+    accelerator: str = "auto"  # auto | cpu | gpu
+    devices: int = 1  # processes per node; torchrun's LOCAL_WORLD_SIZE wins when launched by it
+    num_nodes: int = 1
+    precision: str = "auto"  # auto (bf16 on a bf16 GPU, else fp32) | fp32 | bf16
+    max_steps: int = 300
+    global_batch_size: int = 32  # sequences per optimizer step, summed over all ranks
+    micro_batch_size: int = 8  # sequences per forward/backward on one rank
+    log_every_n_steps: int = 10
+    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = detect from the GPU name
+    progress_bar: bool = True
+    max_nonfinite_steps: int = 10  # consecutive steps with a NaN/inf loss before giving up
+
+
+@dataclass
+class ParallelConfig:
+    activation_checkpointing: str = "none"  # none | full | every_k
+    ac_every: int = 2  # with every_k: checkpoint blocks 0, k, 2k, ...
+    compile: bool = False  # torch.compile each block
+    reshard_after_forward: bool = True  # full sharding (ZeRO-3); false keeps params gathered until backward
+    param_dtype: str = "auto"  # FSDP2 compute dtype: auto follows trainer.precision | fp32 | bf16
+    reduce_dtype: str = "fp32"  # gradient reduce-scatter dtype
+    init: str = "auto"  # auto | sharded | rank0 (see mptlike.parallel.materialize)
+
+
+@dataclass
+class OptimConfig:
+    name: str = "decoupled_adamw"  # decoupled_adamw | decoupled_lionw
+    lr: float = 1e-3
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.0  # decoupled: weights shrink by weight_decay * lr / optim.lr per step
+    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
+    warmup_steps: int = 0
+    alpha_f: float = 0.1  # final lr as a fraction of optim.lr
+    grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
+    impl: str = "auto"  # auto | fused | foreach | for
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "csv"  # csv | wandb | none
+    mode: str = "offline"  # wandb: offline | online | disabled
+    project: str = "mptlike"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    run_name: Optional[str] = None  # null: the experiment name
+    tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 100  # 0: only at the end
+    keep_last: int = 2  # newest complete checkpoints kept; 0 keeps all
+    save_final: bool = True
+    export_final: bool = True  # run_dir/final: config.json + model.safetensors (save_pretrained)
+    overwrite: bool = False  # with resume=never: delete checkpoints already in run_dir
+
+
+@dataclass
+class EvalConfig:
+    every_n_steps: int = 100  # 0 disables periodic validation
+    max_samples: int = 64  # validation sequences per evaluation (from the start of the val split)
+    at_end: bool = True
+
+
+@dataclass
+class SampleConfig:
+    prompt: str = "def "
+    max_new_tokens: int = 64  # 0: no sample at the end
+    temperature: float = 0.8
+    top_k: Optional[int] = 40
+
+
+@dataclass
+class TrainConfig:
+    name: str = "quickstart"
+    run_dir: str = "runs/${name}"
+    seed: int = 17
+    resume: str = "auto"  # auto | never | a checkpoint folder
+    # Start a fresh run from these weights: a save_pretrained folder (run_dir/final, or the output of
+    # `mptlike-convert from-hf`). Ignored when resuming from a checkpoint, which has its own weights.
+    init_from: Optional[str] = None
+    dry_run: bool = False  # validate, build on meta, print sizes and batch arithmetic, write nothing
+    model: MPTConfig = field(default_factory=MPTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+
+
+def conf_dir() -> Path:
+    """The repository's conf/ folder (an editable install runs from the checkout)."""
+    return Path(__file__).resolve().parents[2] / "conf"
+
+
+def _register_schema() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
+
+
+def compose_config(overrides: list[str]) -> Any:
+    """The composed (not yet validated) DictConfig; raises MptlikeError for any composition error."""
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    folder = conf_dir()
+    if not (folder / "config.yaml").is_file():
+        raise MptlikeError(f"{folder / 'config.yaml'} is missing: run from a full checkout of mptlike")
+    _register_schema()
+    try:
+        with initialize_config_dir(config_dir=str(folder), version_base=None):
+            return compose(config_name="config", overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as exc:
+        raise MptlikeError(describe_config_error(exc)) from None
+
+
+def to_train_config(cfg: Any) -> TrainConfig:
+    """Resolve interpolations and build the dataclasses; MPTConfig validates the model here."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    try:
+        obj = OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as exc:
+        raise MptlikeError(describe_config_error(exc)) from None
+    assert isinstance(obj, TrainConfig)
+    return obj
+
+
+def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def describe_config_error(exc: BaseException) -> str:
+    """One line from Hydra's and OmegaConf's multi-line messages, naming the key and the fix."""
+    text = str(exc)
+    unknown = re.match(r"Could not override '([^']+)'", text)
+    if unknown:
+        return f"unknown config key '{unknown.group(1)}': check its spelling (`mptlike-train --help` lists the keys)"
+    missing_group = re.search(r"Could not find '([^']+)/([^']+)'", text)
+    if missing_group:
+        group, option = missing_group.groups()
+        options = re.search(r"Available options in '[^']+':\s*((?:\s*\S+)+?)\s*Config search path", text, re.S)
+        choices = ", ".join(options.group(1).split()) if options else f"see conf/{group}/"
+        return f"{group}={option} is not a known option: choose one of {choices}"
+    cause = exc.__cause__
+    if cause is not None and str(cause):
+        detail = _first_lines(str(cause))
+        head = _first_lines(text)
+        merging = re.match(r"Error merging override (\S+)", head)
+        if merging:
+            return f"bad override {merging.group(1)}: {detail}"
+        return f"{head}: {detail}"
+    key = getattr(exc, "full_key", None)
+    detail = _first_lines(text)
+    return f"config key '{key}': {detail}" if key and key not in detail else detail
+
+
+def _first_lines(text: str) -> str:
+    # OmegaConf appends "full_key: ...\nobject_type=..." lines: keep the sentence, drop the dump.
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    kept = [line for line in lines if not line.startswith(("full_key:", "object_type=", "reference_type="))]
+    return " ".join(kept or lines).rstrip(".")

@@ -1,0 +1,58 @@
+"""Validation loss and perplexity on the held-out split, identical at every world size.
+
+The same first `max_samples` sequences of the val split are scored every time; rank r takes
+samples r, r + W, r + 2W, ... so the union over ranks is independent of W. Every rank runs the
+same number of forward passes (FSDP2 all-gathers are collective), and token-weighted sums are
+all-reduced, so val/loss is the mean over all scored tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mptlike.data import TokenDataset
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    dataset: TokenDataset,
+    *,
+    max_samples: int,
+    micro_batch_size: int,
+    rank: int,
+    world_size: int,
+    device: torch.device,
+) -> dict[str, float]:
+    per_rank = min(max_samples, len(dataset)) // world_size
+    if per_rank == 0:
+        return {}
+    indices = list(range(rank, per_rank * world_size, world_size))
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    tokens = torch.zeros((), dtype=torch.float64, device=device)
+    try:
+        for start in range(0, per_rank, micro_batch_size):
+            batch = dataset.get_batch(indices[start : start + micro_batch_size])
+            labels = batch["labels"].to(device)
+            sequence_id = batch.get("sequence_id")
+            out = model(
+                batch["input_ids"].to(device),
+                labels=labels,
+                sequence_id=None if sequence_id is None else sequence_id.to(device),
+            )
+            count = (labels != -100).sum()
+            loss_sum += out.loss.double() * count
+            tokens += count
+    finally:
+        model.train(was_training)
+    if world_size > 1:
+        dist.all_reduce(loss_sum)
+        dist.all_reduce(tokens)
+    loss = (loss_sum / tokens).item()
+    return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 80.0))}

@@ -1,0 +1,273 @@
+"""Validate a composed config into a RunPlan, before any process group starts or any file is written.
+
+Every check that can fail because of user input lives here, so a bad run fails in a second with
+one sentence instead of after minutes of startup on many nodes.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mptlike.errors import MptlikeError
+from mptlike.model import MPTConfig
+from mptlike.parallel import ParallelPlan, PrecisionPlan, resolve_precision
+from mptlike.parallel.materialize import INIT_MODES
+from mptlike.train.checkpoint import read_train_state, resolve_resume
+from mptlike.train.config import TrainConfig, config_to_dict
+from mptlike.train.optim import check_optimizer_args
+from mptlike.train.schedule import Schedule
+
+log = logging.getLogger(__name__)
+
+ACCELERATORS = ("auto", "cpu", "gpu")
+BACKENDS = ("lightning", "composer")
+LOGGERS = ("csv", "wandb", "none")
+WANDB_MODES = ("offline", "online", "disabled")
+
+
+@dataclass(frozen=True)
+class WorldInfo:
+    world_size: int
+    devices: int  # processes per node
+    num_nodes: int
+    rank: int  # this process's global rank as the environment tells it (0 before a launcher forks)
+    external: bool  # processes were started by torchrun (or another elastic launcher)
+
+
+def detect_world(devices: int, num_nodes: int) -> WorldInfo:
+    """torchrun's environment wins over trainer.devices / trainer.num_nodes."""
+    env = os.environ
+    if all(k in env for k in ("RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")):
+        world = int(env["WORLD_SIZE"])
+        local = int(env["LOCAL_WORLD_SIZE"])
+        return WorldInfo(world, local, max(1, world // local), int(env["RANK"]), True)
+    # Children that Lightning's own launcher forks carry LOCAL_RANK / NODE_RANK.
+    rank = int(env.get("NODE_RANK", 0)) * devices + int(env.get("LOCAL_RANK", 0))
+    return WorldInfo(devices * num_nodes, devices, num_nodes, rank, False)
+
+
+@dataclass
+class DataPlan:
+    path: Path
+    is_default_corpus: bool
+    needs_prepare: bool
+    vocab_size: int | None  # of the tokenizer, when the folder exists
+
+
+@dataclass
+class RunPlan:
+    cfg: TrainConfig
+    config_dict: dict[str, Any]
+    model_config: MPTConfig
+    world: WorldInfo
+    accelerator: str  # cpu | gpu
+    accumulation_steps: int
+    precision: PrecisionPlan
+    parallel: ParallelPlan
+    schedule: Schedule
+    data: DataPlan | None
+    resume_from: Path | None
+    start_step: int
+    init_from: Path | None = None
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.cfg.run_dir)
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.cfg.trainer.global_batch_size * self.model_config.max_seq_len
+
+
+def default_corpus_dir(vocab_size: int) -> Path:
+    return Path(os.environ.get("MPTLIKE_DATA") or "data") / f"stdlib-bpe{vocab_size}"
+
+
+def _positive(key: str, value: int, *, zero_ok: bool = False) -> None:
+    if value < 0 or (value == 0 and not zero_ok):
+        raise MptlikeError(f"{key}={value} is invalid: use a {'non-negative' if zero_ok else 'positive'} integer")
+
+
+def _accelerator(requested: str, dry_run: bool) -> str:
+    if requested not in ACCELERATORS:
+        raise MptlikeError(f"trainer.accelerator={requested!r} is unknown: choose one of {', '.join(ACCELERATORS)}")
+    if requested == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if requested == "gpu" and not torch.cuda.is_available() and not dry_run:
+        raise MptlikeError(
+            "trainer.accelerator=gpu but no CUDA device is visible: use trainer=cpu (or trainer.accelerator=auto)"
+        )
+    return requested
+
+
+def _check_batch(global_batch: int, micro_batch: int, world: WorldInfo) -> int:
+    _positive("trainer.global_batch_size", global_batch)
+    _positive("trainer.micro_batch_size", micro_batch)
+    per_step = micro_batch * world.world_size
+    if global_batch % per_step:
+        lower = max(per_step, global_batch // per_step * per_step)
+        raise MptlikeError(
+            f"trainer.global_batch_size={global_batch} is not divisible by trainer.micro_batch_size * world size = "
+            f"{micro_batch} * {world.world_size} = {per_step}: use a multiple of {per_step} such as {lower} or "
+            f"{lower + per_step}, or change trainer.micro_batch_size"
+        )
+    return global_batch // per_step
+
+
+def check_data(cfg: TrainConfig, model: MPTConfig) -> DataPlan:
+    from mptlike.data import Manifest, TokenDataset, check_compatible
+
+    if cfg.data.path is None:
+        path = default_corpus_dir(cfg.data.vocab_size)
+        if model.vocab_size < cfg.data.vocab_size:
+            raise MptlikeError(
+                f"model.vocab_size={model.vocab_size} is smaller than the default corpus's data.vocab_size="
+                f"{cfg.data.vocab_size}: raise model.vocab_size or lower data.vocab_size"
+            )
+        if not (path / "manifest.json").is_file():
+            return DataPlan(path, True, True, None)
+        default = True
+    else:
+        path = Path(cfg.data.path)
+        default = False
+        if not path.is_dir():
+            raise MptlikeError(
+                f"data.path={cfg.data.path} does not exist: prepare it with `mptlike-prep INPUT... --out "
+                f"{cfg.data.path}` or drop data.path to use the default corpus"
+            )
+    manifest = Manifest.load(path)
+    check_compatible(manifest, model.vocab_size)
+    # Opening the train split checks shard sizes and that one sample of max_seq_len + 1 tokens fits.
+    TokenDataset(path, split="train", seq_len=model.max_seq_len, verify=cfg.data.verify)
+    return DataPlan(path, default, False, manifest.vocab_size)
+
+
+# What must agree between init_from's config.json and the configured model for the weights to load.
+_SHAPE_KEYS = ("d_model", "n_heads", "n_layers", "expansion_ratio", "vocab_size", "kv_n_heads", "no_bias",
+               "tie_word_embeddings", "learned_pos_emb", "qk_ln")
+
+
+def check_init_from(path_text: str, model: MPTConfig) -> Path:
+    from mptlike.model.mpt import CONFIG_NAME, MODEL_TYPE, WEIGHTS_NAME
+
+    path = Path(path_text)
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        if not (path / name).is_file():
+            raise MptlikeError(
+                f"init_from={path_text} has no {name}: give a folder written by save_pretrained (a run's final/) "
+                f"or by `mptlike-convert from-hf`"
+            )
+    values = json.loads((path / CONFIG_NAME).read_text())
+    if values.pop("model_type", MODEL_TYPE) != MODEL_TYPE:
+        raise MptlikeError(f"init_from={path_text} is not an mptlike folder: convert it with `mptlike-convert from-hf`")
+    saved = MPTConfig.from_dict(values)
+    wrong = [k for k in _SHAPE_KEYS if getattr(saved, k) != getattr(model, k)]
+    if wrong:
+        diffs = ", ".join(f"model.{k}={getattr(model, k)} vs {getattr(saved, k)}" for k in wrong)
+        raise MptlikeError(
+            f"init_from={path_text} holds a different model shape ({diffs}): choose the matching model= preset "
+            f"or override those keys to the saved values"
+        )
+    return path
+
+
+def _check_misc(cfg: TrainConfig) -> None:
+    t = cfg.trainer
+    if t.backend not in BACKENDS:
+        raise MptlikeError(f"trainer.backend={t.backend!r} is unknown: choose one of {', '.join(BACKENDS)}")
+    _positive("trainer.devices", t.devices)
+    _positive("trainer.num_nodes", t.num_nodes)
+    _positive("trainer.max_steps", t.max_steps)
+    _positive("trainer.log_every_n_steps", t.log_every_n_steps)
+    _positive("trainer.max_nonfinite_steps", t.max_nonfinite_steps)
+    if t.peak_flops < 0:
+        raise MptlikeError(f"trainer.peak_flops={t.peak_flops} is invalid: use 0 (detect) or the device's FLOP/s")
+    if cfg.parallel.init not in INIT_MODES:
+        raise MptlikeError(f"parallel.init={cfg.parallel.init!r} is unknown: choose one of {', '.join(INIT_MODES)}")
+    o = cfg.optim
+    check_optimizer_args(name=o.name, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, impl=o.impl)
+    if o.grad_clip < 0:
+        raise MptlikeError(f"optim.grad_clip={o.grad_clip} is invalid: use a positive max norm, or 0 to disable")
+    if cfg.logger.name not in LOGGERS:
+        raise MptlikeError(f"logger.name={cfg.logger.name!r} is unknown: choose logger=csv, wandb or none")
+    if cfg.logger.mode not in WANDB_MODES:
+        raise MptlikeError(f"logger.mode={cfg.logger.mode!r} is unknown: choose one of {', '.join(WANDB_MODES)}")
+    _positive("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps, zero_ok=True)
+    _positive("checkpoint.keep_last", cfg.checkpoint.keep_last, zero_ok=True)
+    _positive("eval.every_n_steps", cfg.eval.every_n_steps, zero_ok=True)
+    _positive("eval.max_samples", cfg.eval.max_samples)
+    s = cfg.sample
+    _positive("sample.max_new_tokens", s.max_new_tokens, zero_ok=True)
+    if s.temperature < 0:
+        raise MptlikeError(f"sample.temperature={s.temperature} is invalid: use 0 (greedy) or a positive number")
+    if s.top_k is not None and s.top_k < 1:
+        raise MptlikeError(f"sample.top_k={s.top_k} is invalid: use null or a positive integer")
+    if not cfg.run_dir:
+        raise MptlikeError("run_dir is empty: give a folder for checkpoints and logs, e.g. run_dir=runs/my-run")
+    if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
+        raise MptlikeError(f"run_dir={cfg.run_dir} is a file: give a folder")
+    if cfg.resume not in ("auto", "never") and not cfg.resume:
+        raise MptlikeError("resume is empty: use auto, never or a checkpoint folder")
+
+
+def build_plan(cfg: TrainConfig) -> RunPlan:
+    """All validation; reads files (data manifest, checkpoints) but writes nothing."""
+    from mptlike.ops.attention import check_attn_impl
+
+    model = cfg.model  # an MPTConfig, validated when the config was built
+    _check_misc(cfg)
+    accelerator = _accelerator(cfg.trainer.accelerator, cfg.dry_run)
+    world = detect_world(cfg.trainer.devices, cfg.trainer.num_nodes)
+    accum = _check_batch(cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size, world)
+    precision = resolve_precision(
+        cfg.trainer.precision,
+        cuda=accelerator == "gpu",
+        sharded=world.world_size > 1,
+        param_dtype=cfg.parallel.param_dtype,
+        reduce_dtype=cfg.parallel.reduce_dtype,
+    )
+    parallel = ParallelPlan(
+        ac_mode=cfg.parallel.activation_checkpointing,
+        ac_every=cfg.parallel.ac_every,
+        compile=cfg.parallel.compile,
+        reshard_after_forward=cfg.parallel.reshard_after_forward,
+    )
+    schedule = Schedule(cfg.optim.schedule, cfg.trainer.max_steps, cfg.optim.warmup_steps, cfg.optim.alpha_f)
+    data = None
+    resume_from = None
+    init_from = None
+    start_step = 0
+    if not cfg.dry_run:
+        check_attn_impl(model.attn_impl)
+        data = check_data(cfg, model)
+        if cfg.trainer.backend == "lightning":
+            # The Composer backend keeps Composer's checkpoint layout and resolves `resume` itself.
+            resume_from = resolve_resume(cfg.resume, cfg.run_dir, overwrite=cfg.checkpoint.overwrite)
+        if resume_from is not None:
+            start_step = read_train_state(resume_from).step
+        if cfg.init_from:
+            init_from = check_init_from(cfg.init_from, model)
+        if data.is_default_corpus and cfg.data.path is None:
+            cfg.data.path = str(data.path)
+    return RunPlan(
+        cfg=cfg,
+        config_dict=config_to_dict(cfg),
+        model_config=model,
+        world=world,
+        accelerator=accelerator,
+        accumulation_steps=accum,
+        precision=precision,
+        parallel=parallel,
+        schedule=schedule,
+        data=data,
+        resume_from=resume_from,
+        start_step=start_step,
+        init_from=init_from,
+    )

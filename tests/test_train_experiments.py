@@ -1,0 +1,80 @@
+"""MPT-7B / MPT-30B experiments: llm-foundry's published settings, sized for a cluster without allocating."""
+
+import resource
+
+import pytest
+
+from mptlike.train.cli import main
+from mptlike.train.config import compose_config, to_train_config
+
+
+def _mpt_params(d, n_layers, vocab, expansion=4):
+    """Independent count: tied embedding, per block Wqkv (3d^2) + out_proj (d^2) + FFN (2 e d^2) and
+    two LayerNorm weights (no biases), plus the final LayerNorm."""
+    per_block = 3 * d * d + d * d + 2 * expansion * d * d + 2 * d
+    return vocab * d + n_layers * per_block + d
+
+
+def _dry_run(capsys, args):
+    code = main([*args, "--dry-run"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    fields = dict(line.split(": ", 1) for line in out.splitlines() if ": " in line)
+    return fields
+
+
+@pytest.mark.parametrize(
+    "experiment, nodes, params, accum",
+    [
+        ("mpt-7b", 4, _mpt_params(4096, 32, 50432), 1024 // (8 * 8 * 4)),
+        ("mpt-30b", 16, _mpt_params(7168, 48, 50432), 2048 // (8 * 8 * 16)),
+    ],
+)
+def test_experiment_dry_run_reports_params_and_accumulation_for_a_cluster_without_allocating(
+    capsys, tmp_path, monkeypatch, experiment, nodes, params, accum
+):
+    monkeypatch.chdir(tmp_path)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    fields = _dry_run(capsys, [f"experiment={experiment}", "trainer.devices=8", f"trainer.num_nodes={nodes}"])
+    grown_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+    assert int(fields["parameters"].split()[0]) == params
+    assert int(fields["accumulation_steps"]) == accum
+    assert fields["world_size"].startswith(f"{8 * nodes} ")
+    assert grown_kb < 500_000  # fp32 weights alone would be 26 GB / 120 GB
+    assert list(tmp_path.iterdir()) == []  # no run_dir, no data folder
+
+
+@pytest.mark.parametrize(
+    "experiment, global_batch, lr, max_steps",
+    [("mpt-7b", 1024, 1.2e-4, 63900), ("mpt-30b", 2048, 1.0e-4, 143100)],
+)
+def test_experiment_uses_llm_foundry_published_settings(experiment, global_batch, lr, max_steps):
+    cfg = to_train_config(compose_config([f"experiment={experiment}"]))
+    assert cfg.trainer.global_batch_size == global_batch
+    assert cfg.trainer.micro_batch_size == 8
+    assert cfg.trainer.max_steps == max_steps
+    assert cfg.trainer.precision == "bf16"
+    assert cfg.optim.name == "decoupled_adamw"
+    assert cfg.optim.lr == pytest.approx(lr)
+    assert list(cfg.optim.betas) == [0.9, 0.95]
+    assert cfg.optim.eps == pytest.approx(1e-8)
+    assert (cfg.optim.schedule, cfg.optim.warmup_steps, cfg.optim.alpha_f) == ("cosine", 100, pytest.approx(0.1))
+    assert cfg.optim.grad_clip == 1.0
+    assert cfg.parallel.activation_checkpointing == "full"
+    assert cfg.parallel.reshard_after_forward is True
+    assert cfg.model.max_seq_len == 2048
+    assert cfg.seed == 17
+
+
+def test_command_line_group_choice_wins_over_the_experiment():
+    cfg = to_train_config(compose_config(["experiment=mpt-7b", "model=mpt-1b", "optim.lr=3e-4"]))
+    assert cfg.model.d_model == 2048 and cfg.optim.lr == pytest.approx(3e-4)
+    assert cfg.trainer.global_batch_size == 1024
+
+
+def test_dry_run_refuses_a_cluster_size_that_does_not_divide_the_global_batch(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    code = main(["experiment=mpt-7b", "trainer.devices=8", "trainer.num_nodes=3", "--dry-run"])
+    _, err = capsys.readouterr()
+    assert code == 2
+    assert "trainer.global_batch_size=1024 is not divisible" in err and "192" in err

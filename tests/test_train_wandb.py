@@ -1,0 +1,102 @@
+"""W&B in offline mode: the run folder under run_dir holds the config and every logged metric.
+
+The run's `.wandb` file is read directly: it is a LevelDB-style log (32 KiB blocks of records,
+each with a 7-byte header: crc32, length, type) of W&B's protobuf `Record` messages.
+"""
+
+import json
+import math
+import struct
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from mptlike.data.prep import prepare
+from mptlike.train.cli import main
+
+_BLOCK = 32768
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def wandb_records(path):
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(path).read_bytes()
+    assert data[:4] == b":W&B"
+    pos, pending = 7, b""
+    while pos + 7 <= len(data):
+        left = _BLOCK - pos % _BLOCK
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == _FIRST:
+            pending = chunk
+            continue
+        if kind == _MIDDLE:
+            pending += chunk
+            continue
+        raw = pending + chunk if kind == _LAST else chunk
+        pending = b""
+        record = pb.Record()
+        record.ParseFromString(raw)
+        yield record
+
+
+@pytest.fixture()
+def corpus(tmp_path):
+    out = tmp_path / "corpus"
+    prepare(sorted(Path(json.__file__).parent.glob("*.py")), out, "bytes", val_inputs=[textwrap.__file__],
+            progress=False)
+    return out
+
+
+def test_offline_wandb_run_dir_holds_the_config_tags_and_every_logged_metric(corpus, tmp_path, monkeypatch):
+    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
+    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    run_dir = tmp_path / "run"
+    args = [
+        "trainer=cpu", "model.d_model=64", "model.n_heads=4", "model.n_layers=2", "model.max_seq_len=32",
+        "model.vocab_size=320", "data=folder", f"data.path={corpus}", "trainer.global_batch_size=4",
+        "trainer.micro_batch_size=2", "trainer.max_steps=3", "trainer.log_every_n_steps=1",
+        "trainer.progress_bar=false", "eval.every_n_steps=2", "eval.max_samples=4", "checkpoint.every_n_steps=0",
+        "checkpoint.export_final=false", "sample.max_new_tokens=0", "logger=wandb", "logger.mode=offline",
+        "logger.tags=[cpu,smoke]", "name=wandb-smoke", f"run_dir={run_dir}",
+    ]
+    assert main(args) == 0
+    runs = list((run_dir / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(runs) == 1
+    history, run_record = [], None
+    for record in wandb_records(runs[0]):
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            # W&B stores a name with "/" either whole in `key` or split into `nested_key`.
+            history.append({item.key or "/".join(item.nested_key): json.loads(item.value_json)
+                            for item in record.history.item})
+        elif kind == "run":
+            run_record = record.run
+    assert run_record is not None
+    assert run_record.display_name == "wandb-smoke"
+    assert list(run_record.tags) == ["cpu", "smoke"]
+    config = {item.key: json.loads(item.value_json) for item in run_record.config.update}
+    assert config["model"]["d_model"] == 64
+    assert config["trainer"]["max_steps"] == 3
+    assert config["logger"]["mode"] == "offline"
+    train = {h["trainer/global_step"]: h for h in history if "train/loss" in h}
+    assert sorted(train) == [1, 2, 3]
+    for h in train.values():
+        for name in ("train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/tflops_per_device"):
+            assert math.isfinite(h[name]), (name, h)
+    val = [h for h in history if "val/loss" in h]
+    assert [h["trainer/global_step"] for h in val] == [2, 3]
+    assert all(h["val/perplexity"] > 1 for h in val)
+    assert (run_dir / "config.yaml").is_file()
