@@ -9,8 +9,8 @@ importable; otherwise the step runs plain and the output says so.
     python benchmarks/throughput.py --preset mpt-7b --layers 4 --seq 2048 --micro-batch 4   # 7B-width slice
     python benchmarks/throughput.py --preset mpt-tiny --seq 256 --micro-batch 8 --steps 10 --compare-hf
 
-FLOPs per token follow DESIGN.md: 6 * N + 12 * n_layers * d_model * seq (N = all parameters,
-attention counted causal-unaware). MFU is reported against the datasheet peak (H100/H200 989e12,
+FLOPs per token are ``MPTForCausalLM.flops_per_token``: 6 * N + 12 * n_layers * d_model * seq (N = all
+parameters, attention counted causal-unaware), the same numbers the trainer logs. MFU is reported against the datasheet peak (H100/H200 989e12,
 A100 312e12, or ``--peak-flops``) and against a matmul ceiling measured at start.
 
 ``--compare-hf`` (CPU) times the same step side by side with transformers' ``MptForCausalLM``: same
@@ -47,12 +47,10 @@ except ImportError:  # run from a checkout without `pip install -e .`
 
 from mptlike.errors import EXIT_USAGE, MptlikeError
 from mptlike.model import MPTConfig, MPTForCausalLM
+from mptlike.train.flops import FLOPS_FORMULA, peak_flops  # torch only, like the model
 
 log = logging.getLogger("throughput")
 
-FLOPS_FORMULA = "6*N + 12*n_layers*d_model*seq (N = all parameters, attention causal-unaware)"
-# Dense bf16 tensor-core peaks from the datasheets, matched against torch.cuda.get_device_name.
-PEAK_FLOPS = (("H100", 989e12), ("H200", 989e12), ("A100", 312e12))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -125,18 +123,6 @@ def measure_matmul_ceiling(device: torch.device, dtype: torch.dtype) -> float:
         _sync(device)
         times.append(time.perf_counter() - start)
     return 2 * n**3 / statistics.median(times)
-
-
-def detect_peak_flops(device: torch.device, override: float | None) -> float | None:
-    if override:
-        return override
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, peak in PEAK_FLOPS:
-        if key in name:
-            return peak
-    return None
 
 
 def peak_rss_bytes() -> int:
@@ -285,7 +271,7 @@ def run_single(args: argparse.Namespace, command: str) -> Report:
     dtype = torch.bfloat16 if precision == "bf16" else torch.float32
     cfg = build_config(args)
     ceiling = measure_matmul_ceiling(device, dtype)
-    peak = detect_peak_flops(device, args.peak_flops)
+    peak = peak_flops(args.peak_flops or 0.0, device)
 
     rss_baseline = peak_rss_bytes()
     torch.manual_seed(args.seed)
