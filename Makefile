@@ -3,12 +3,13 @@
 #   make test                             the test suite
 # TORCH picks the torch build: the default pin is the CPU wheel on a CPU box and the usual CUDA
 # build on a GPU box; set TORCH=torch (or a CUDA index) to choose yourself.
+#   make composer-env / make test-composer   MosaicML Composer's own environment (torch 2.7) and its tests
 PYTHON ?= python3
 VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: train test install install-dev bench clean
+.PHONY: train test install install-dev bench clean composer-env test-composer
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,5 +32,29 @@ train: $(VENV)/.core
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q -x tests
 
+# MosaicML Composer 0.32 (its last release) needs torch >= 2.6, < 2.7.1 and torchvision, so it
+# gets its own environment. The stamp names the pins and pyproject.toml's hash: an environment
+# kept between runs (COMPOSER_VENV outside the checkout, as .ci/run does) is reused until one changes.
+COMPOSER_VENV ?= .venv-composer
+COMPOSER_TORCH ?= torch==2.7.0
+CBIN := $(COMPOSER_VENV)/bin
+COMPOSER_STAMP := $(COMPOSER_VENV)/.stamp-$(subst ==,-,$(COMPOSER_TORCH))-$(shell sha256sum pyproject.toml | cut -c1-12)
+
+$(CBIN)/python:
+	$(PYTHON) -m venv $(COMPOSER_VENV)
+
+$(COMPOSER_STAMP): | $(CBIN)/python
+	$(CBIN)/pip install -q "$(COMPOSER_TORCH)"
+	$(CBIN)/pip install -q -e ".[composer,dev]"
+	rm -f $(COMPOSER_VENV)/.stamp-*
+	touch $@
+
+composer-env: $(COMPOSER_STAMP)
+	@# A reused environment may point at another checkout: re-link this one (seconds, no downloads).
+	$(CBIN)/pip install -q --no-deps -e .
+
+test-composer: composer-env
+	$(CBIN)/python -m pytest -q -m composer tests/composer_backend
+
 clean:
-	rm -rf $(VENV) runs data
+	rm -rf $(VENV) $(COMPOSER_VENV) runs data

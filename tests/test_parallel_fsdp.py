@@ -107,6 +107,12 @@ def test_two_process_fsdp2_gives_the_same_losses_as_one_process(one_process, two
 
 
 @pytest.mark.slow
+def test_two_process_fsdp2_gradients_are_the_mean_over_ranks(one_process, two_processes):
+    # Adam hides a gradient scale in the losses; the pre-clipping norm shows it.
+    assert_close(losses(two_processes, "train/grad_norm"), losses(one_process, "train/grad_norm"))
+
+
+@pytest.mark.slow
 def test_two_process_checkpoint_is_sharded_into_one_file_per_rank(two_processes):
     ckpt = two_processes / "checkpoints" / "step-0000003"
     assert sorted(p.name for p in ckpt.glob("*.distcp")) == ["__0_0.distcp", "__1_0.distcp"]

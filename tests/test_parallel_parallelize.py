@@ -62,6 +62,7 @@ def test_full_checkpointing_wraps_every_block_and_compile_keeps_parameter_names(
     assert all(type(b).__name__ == "CheckpointWrapper" for b in model.transformer.blocks)
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
+    model.to_empty(device="cpu")  # torch 2.6/2.7's get_model_state_dict leaves out meta tensors
     assert list(get_model_state_dict(model)) == names
 
 

@@ -40,7 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
         "to-hf",
         help="mptlike checkpoint -> folder that transformers.MptForCausalLM.from_pretrained loads",
         description="Write config.json (model_type mpt), model.safetensors and the tokenizer files. "
-        "CHECKPOINT is a save_pretrained folder, a run folder, a run's final/ or checkpoints/step-N folder.",
+        "CHECKPOINT is a save_pretrained folder, a run folder, a run's final/ or checkpoints/step-N folder, "
+        "or a Composer checkpoint (checkpoints/ep0-baN-rank0.pt or a sharded ep0-baN/ folder).",
     )
     to.add_argument("checkpoint", metavar="CHECKPOINT")
     to.add_argument("out_dir", metavar="OUT_DIR")

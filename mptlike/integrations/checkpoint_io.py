@@ -7,7 +7,9 @@ A CHECKPOINT argument may be:
 - a sharded checkpoint `run_dir/checkpoints/step-XXXXXXX/` (torch.distributed.checkpoint): the
   model tensors are gathered into whole tensors in this one process, no process group needed, and
   the model config comes from the run's `config.yaml`;
-- a Hugging Face MPT folder (model_type "mpt", either layout), converted on the fly.
+- a Hugging Face MPT folder (model_type "mpt", either layout), converted on the fly;
+- a checkpoint of a `trainer=composer` run: `run_dir/checkpoints/ep0-baN-rank0.pt`, a sharded
+  `ep0-baN/` folder, or the run folder (its `latest-rank0.pt`), read without Composer installed.
 """
 
 from __future__ import annotations
@@ -29,6 +31,12 @@ from mptlike.errors import MptlikeError
 from mptlike.integrations import hf, hf_io
 from mptlike.model import MPTConfig, MPTForCausalLM
 from mptlike.model.mpt import CONFIG_NAME, MODEL_TYPE, WEIGHTS_NAME
+from mptlike.train.composer_runner import (
+    is_composer_checkpoint,
+    latest_checkpoint,
+    read_composer_checkpoint,
+    resolve_composer_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +44,7 @@ RUN_CONFIG = "config.yaml"
 FINAL_DIR = "final"
 CHECKPOINTS_DIR = "checkpoints"
 DCP_METADATA = ".metadata"
-PRETRAINED, SHARDED, HUGGING_FACE = "pretrained", "sharded", "hf"
+PRETRAINED, SHARDED, HUGGING_FACE, COMPOSER = "pretrained", "sharded", "hf", "composer"
 # Module wrappers that can leak into parameter names (torch.compile, activation checkpointing, FSDP1).
 _WRAPPER_SEGMENTS = {"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"}
 _ANCHOR = "transformer.wte.weight"
@@ -79,7 +87,9 @@ def read_checkpoint(path: str | os.PathLike) -> Checkpoint:
     folder = resolve_checkpoint(Path(path))
     run_dir = _run_dir_of(folder)
     config_file = folder / CONFIG_NAME
-    if config_file.is_file():
+    if is_composer_checkpoint(folder):
+        model, kind = _read_composer(folder, run_dir), COMPOSER
+    elif config_file.is_file():
         values = hf_io.read_json(config_file, "")
         if values.get("model_type") == MODEL_TYPE:
             model, kind = _read_pretrained(folder), PRETRAINED
@@ -101,6 +111,8 @@ def resolve_checkpoint(path: Path) -> Path:
     """The folder that holds the weights a CHECKPOINT argument refers to."""
     if not path.exists():
         raise MptlikeError(f"checkpoint {path} does not exist: {_NOT_A_CHECKPOINT}")
+    if is_composer_checkpoint(path):
+        return resolve_composer_checkpoint(path)
     if path.is_file():
         if path.name not in (CONFIG_NAME, WEIGHTS_NAME, DCP_METADATA):
             raise MptlikeError(f"checkpoint {path} is a file: {_NOT_A_CHECKPOINT}")
@@ -117,6 +129,9 @@ def resolve_checkpoint(path: Path) -> Path:
         from mptlike.train.checkpoint import complete_checkpoints
 
         found = complete_checkpoints(run_dir)
+        composer_latest = latest_checkpoint(run_dir / CHECKPOINTS_DIR)
+        if not found and composer_latest is not None:
+            return composer_latest
         if not found:
             raise MptlikeError(
                 f"{run_dir / CHECKPOINTS_DIR} holds no complete checkpoint: train longer or pick a folder"
@@ -171,6 +186,14 @@ def _read_hf(folder: Path) -> MPTForCausalLM:
 def _read_sharded(folder: Path, run_dir: Path | None) -> MPTForCausalLM:
     config = _sharded_config(folder, run_dir)
     return model_from_state(config, read_dcp_model_state(folder, config))
+
+
+def _read_composer(path: Path, run_dir: Path | None) -> MPTForCausalLM:
+    config, state = read_composer_checkpoint(path)
+    if config is None:  # saved without mptlike's MptlikeRunInfo callback: the run's config.yaml names the model
+        config = _sharded_config(path, run_dir)
+    hf.check_state_dict(state, config, str(path))
+    return model_from_state(config, state)
 
 
 def model_from_state(config: MPTConfig, state: dict[str, torch.Tensor]) -> MPTForCausalLM:

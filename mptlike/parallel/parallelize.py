@@ -87,6 +87,33 @@ def apply_fsdp(
         reshard = reshard_after_forward and i < len(blocks) - 1
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    average_gradients_where_avg_sums(model)
+
+
+def average_gradients_where_avg_sums(model: nn.Module) -> bool:
+    """Make FSDP2's gradient reduction a mean where the process group's AVG reduce-scatter sums.
+
+    torch 2.6/2.7 reduce-scatter FSDP2 gradients with ReduceOp.AVG, which gloo (CPU) executes as
+    a sum: every gradient comes out world_size times too large (Adam hides the scale, gradient
+    clipping and the logged norm do not). Where a one-element probe shows that, a hook after each
+    reduce-scatter divides by the world size. Collective; returns whether the hook was installed.
+    """
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FSDPModule
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return False
+    if "gloo" not in str(dist.get_backend()) or any(p.is_cuda for p in model.parameters()):
+        return False
+    world = dist.get_world_size()
+    probe = torch.empty(1)
+    dist.reduce_scatter_tensor(probe, torch.ones(world), op=dist.ReduceOp.AVG)
+    if probe.item() < 1.5:
+        return False
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.set_all_reduce_hook(lambda grad: grad.div_(world))
+    return True
 
 
 def parallelize(

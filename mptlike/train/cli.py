@@ -22,6 +22,7 @@ Arguments are Hydra overrides of conf/config.yaml, for example
   {PROG} model=mpt-125m trainer.max_steps=2000 optim.lr=3e-4 logger=wandb
   torchrun --nproc_per_node=8 -m mptlike.train experiment=mpt-7b data.path=/data/c4-neox
   {PROG} experiment=mpt-30b trainer.devices=8 trainer.num_nodes=16 --dry-run
+  {PROG} trainer=composer   (MosaicML Composer drives the loop; from `make composer-env`'s environment)
 
 options:
   --help      this text, the config groups and the top-level keys
