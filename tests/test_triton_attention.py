@@ -1,7 +1,7 @@
 """The Triton FlashAttention kernel against a float64 reference written from the definition.
 
-On CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set here before the kernels
-are first compiled), so shapes stay tiny; blocks of 16 still give several query and key blocks,
+On CPU the kernels run under Triton's interpreter (TRITON_INTERPRET=1, set by tests/conftest.py
+before any kernel is decorated), so shapes stay tiny; blocks of 16 still give several query and key blocks,
 partial last blocks, diagonal and fully visible tiles. The GPU test uses real shapes.
 """
 
@@ -11,10 +11,6 @@ import sys
 
 import pytest
 import torch
-
-if not torch.cuda.is_available():
-    # Read when the kernels are first compiled, so it only has to precede the first call.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 pytest.importorskip("triton")
 
