@@ -241,24 +241,16 @@ def hf_step(model, optimizer, tokens: torch.Tensor):
 
 
 def hf_config(cfg: MPTConfig):
+    """transformers' MptConfig for the same network; the exporter's mapping and its feature check."""
     import transformers
 
-    if cfg.kv_n_heads != cfg.n_heads or not cfg.alibi or cfg.qk_ln or cfg.clip_qkv or not cfg.no_bias:
-        raise MptlikeError(
-            "--compare-hf needs a config transformers' MPT supports (multi-head ALiBi attention, no biases, "
-            "no qk_ln or clip_qkv): drop the --set overrides that change those."
-        )
-    return transformers.MptConfig(
-        d_model=cfg.d_model,
-        n_heads=cfg.n_heads,
-        n_layers=cfg.n_layers,
-        expansion_ratio=cfg.expansion_ratio,
-        max_seq_len=cfg.max_seq_len,
-        vocab_size=cfg.vocab_size,
-        layer_norm_epsilon=cfg.norm_eps,
-        no_bias=cfg.no_bias,
-        attn_config={"alibi": True, "alibi_bias_max": cfg.alibi_bias_max, "softmax_scale": cfg.softmax_scale},
-    )
+    from mptlike.integrations.hf import to_hf_config
+
+    try:
+        values = to_hf_config(cfg)
+    except MptlikeError as exc:
+        raise MptlikeError(f"--compare-hf needs a config transformers' MPT supports ({exc})") from exc
+    return transformers.MptConfig(**{k: v for k, v in values.items() if k not in ("architectures", "model_type")})
 
 
 # ---------------------------------------------------------------------------------------------
