@@ -1,17 +1,11 @@
 """FSDP2 on 2 CPU processes (gloo) against one process: same losses, checkpoints that either world size resumes."""
 
-import csv
 import json
-import os
-import socket
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
+from train_helpers import losses, make_corpus, torchrun
+from train_helpers import tiny_args as base_args
 
-from mptlike.data.prep import prepare
 from mptlike.train.cli import main
 
 REL = 1e-4
@@ -19,65 +13,12 @@ REL = 1e-4
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    out = tmp_path_factory.mktemp("corpus")
-    files = sorted(Path(json.__file__).parent.glob("*.py"))
-    prepare(files, out, "bytes", val_inputs=[textwrap.__file__], progress=False)
-    return out
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 def tiny_args(corpus, run_dir, *extra):
-    return [
-        "trainer=cpu",
-        "model.d_model=64",
-        "model.n_heads=4",
-        "model.n_layers=2",
-        "model.max_seq_len=32",
-        "model.vocab_size=320",
-        "data=folder",
-        f"data.path={corpus}",
-        "trainer.global_batch_size=8",
-        "trainer.micro_batch_size=2",
-        "trainer.max_steps=6",
-        "trainer.log_every_n_steps=1",
-        "trainer.progress_bar=false",
-        "optim.lr=3e-3",
-        "optim.warmup_steps=2",
-        "optim.weight_decay=1e-4",
-        "eval.every_n_steps=3",
-        "eval.max_samples=8",
-        "checkpoint.every_n_steps=3",
-        "checkpoint.keep_last=0",
-        "checkpoint.export_final=false",
-        "sample.max_new_tokens=0",
-        "logger=csv",
-        # Blocks 0 and 2, ... recompute activations: exercised here under FSDP2.
-        "parallel.activation_checkpointing=every_k",
-        "parallel.ac_every=2",
-        f"run_dir={run_dir}",
-        *extra,
-    ]
-
-
-def losses(run_dir, key="train/loss"):
-    with open(Path(run_dir) / "metrics.csv", newline="") as f:
-        return {int(r["step"]): float(r[key]) for r in csv.DictReader(f) if r.get(key)}
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def torchrun(args, nproc=2):
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}", "--nnodes=1",
-        "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{_free_port()}", "-m", "mptlike.train", *args,
-    ]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
+    # Blocks 0 and 2, ... recompute activations: exercised here under FSDP2.
+    return base_args(corpus, run_dir, "parallel.activation_checkpointing=every_k", "parallel.ac_every=2", *extra)
 
 
 def assert_close(got, want):

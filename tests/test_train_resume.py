@@ -1,64 +1,16 @@
 """Single-process training runs: exact resume, checkpoint rotation, the metrics file, the saved config."""
 
-import csv
-import json
-import textwrap
-from pathlib import Path
-
 import pytest
 import yaml
+from train_helpers import losses, make_corpus, tiny_args
 
-from mptlike.data.prep import prepare
 from mptlike.model import MPTForCausalLM
 from mptlike.train.cli import main
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
-    """A small byte-level corpus: the json package's sources to train on, textwrap.py held out."""
-    out = tmp_path_factory.mktemp("corpus")
-    train_dir = Path(json.__file__).parent
-    prepare(sorted(train_dir.glob("*.py")), out, "bytes", val_inputs=[textwrap.__file__], progress=False)
-    return out
-
-
-def tiny_args(corpus, run_dir, *extra):
-    return [
-        "trainer=cpu",
-        "model.d_model=64",
-        "model.n_heads=4",
-        "model.n_layers=2",
-        "model.max_seq_len=32",
-        "model.vocab_size=320",
-        "data=folder",
-        f"data.path={corpus}",
-        "trainer.global_batch_size=8",
-        "trainer.micro_batch_size=2",
-        "trainer.max_steps=6",
-        "trainer.log_every_n_steps=1",
-        "trainer.progress_bar=false",
-        "optim.lr=3e-3",
-        "optim.warmup_steps=2",
-        "optim.weight_decay=1e-4",
-        "eval.every_n_steps=3",
-        "eval.max_samples=8",
-        "checkpoint.every_n_steps=3",
-        "checkpoint.keep_last=0",
-        "checkpoint.export_final=false",
-        "sample.max_new_tokens=0",
-        "logger=csv",
-        f"run_dir={run_dir}",
-        *extra,
-    ]
-
-
-def read_metrics(run_dir):
-    with open(Path(run_dir) / "metrics.csv", newline="") as f:
-        return {int(row["step"]): row for row in csv.DictReader(f)}
-
-
-def losses(run_dir, key="train/loss"):
-    return {step: float(row[key]) for step, row in read_metrics(run_dir).items() if row.get(key)}
+    return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
 @pytest.fixture(scope="module")

@@ -4,11 +4,15 @@ Layout of run_dir/checkpoints/step-0000100/:
     .metadata, __R_0.distcp    model and optimizer state, one file per saving rank (DCP). DCP
                                reshards on load, so a checkpoint saved by N ranks loads on M.
     train_state.json           step, data-loader position, world size (written by rank 0)
-    rng/rank-0000R.pt          each rank's RNG states
+    rng/rank-0000R.pt          each rank's RNG states (tensors, lists and ints: loads with weights_only=True)
     COMPLETE                   written last, by rank 0, after every rank finished
 
+With checkpoint.async_save the tensors are copied to CPU memory and written by a background
+thread while training goes on; the COMPLETE marker is written only once every rank's write has
+finished (before the next checkpoint, a rollback, or the end of training).
 Everything is first written to step-0000100.tmp; the folder is renamed only once COMPLETE is in
-it, so a folder with the final name is always whole and a crash leaves only a .tmp behind.
+it, so a folder with the final name is always whole and a crash leaves only a .tmp behind. A full
+disk removes the .tmp and raises one MptlikeError on every rank; older checkpoints are untouched.
 `get_state_dict`/`set_state_dict` give FSDP2-sharded and plain single-process models the same
 parameter names (wrappers such as activation checkpointing are stripped), so both share one path.
 """
@@ -16,14 +20,17 @@ parameter names (wrappers such as activation checkpointing are stripped), so bot
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import shutil
 import time
 import warnings
+from concurrent.futures import Future
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,6 +58,8 @@ class TrainState:
     loader: dict[str, Any] = field(default_factory=dict)
     world_size: int = 1
     tokens_seen: int = 0
+    nonfinite_events: int = 0  # guard events (skip/rollback) so far: guard.max_skips counts all of them
+    skip_positions: list[int] = field(default_factory=list)  # stream positions of batches rollback passes over
 
 
 def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
@@ -142,9 +151,12 @@ def _atomic_write_text(path: Path, text: str) -> None:
 
 
 def _rng_state() -> dict[str, Any]:
+    # Only tensors, lists, ints and floats, so that loading needs no pickle (weights_only=True).
+    version, mt, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
     state = {
-        "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "python": [version, list(mt), gauss],
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(cached)],
         "torch": torch.get_rng_state(),
     }
     if torch.cuda.is_available():
@@ -153,43 +165,140 @@ def _rng_state() -> dict[str, Any]:
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, mt, gauss = state["python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(
+def _disk_full(exc: BaseException | None, depth: int = 0) -> bool:
+    """Whether ENOSPC is somewhere in an exception, its causes, or DCP's per-rank failures."""
+    if exc is None or depth > 8:
+        return False
+    if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    nested = list(getattr(exc, "failures", {}).values()) if isinstance(getattr(exc, "failures", None), dict) else []
+    nested += [exc.__cause__, exc.__context__]
+    for inner in nested:
+        if isinstance(inner, tuple) and inner:
+            inner = inner[0]  # DCP keeps each rank's failure as (exception, traceback summary)
+        if isinstance(inner, BaseException) and _disk_full(inner, depth + 1):
+            return True
+    return False
+
+
+def _any_rank_failed(failed: bool) -> bool:
+    if not _distributed():
+        return failed
+    flag = torch.tensor([1 if failed else 0], dtype=torch.int64)
+    if dist.get_backend() == "nccl":
+        flag = flag.cuda()
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def _write_shards(
+    tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, *, async_group: Any = False
+) -> Future | None:
+    """Write this rank's shards, RNG state and (rank 0) the train state; the tensors in the
+    background when `async_group` is not False (a process group with a CPU backend, or None for the
+    default group). The RNG and train state are this step's, so they are written right away."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    tensors = {"model": model_state, "optim": optim_state}
+    future = None
+    with _single_process_ok():
+        if async_group is False:
+            dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not _distributed())
+        else:
+            # Copies the tensors to CPU memory before returning, so training may change them at once.
+            future = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=async_group,
+                                    no_dist=not _distributed())
+    (tmp / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_state(), tmp / "rng" / f"rank-{_rank():05d}.pt")
+    if _rank() == 0:
+        _atomic_write_text(tmp / TRAIN_STATE, json.dumps(asdict(state), indent=2) + "\n")
+    return future
+
+
+@dataclass
+class PendingCheckpoint:
+    """A checkpoint whose shards may still be being written; `finish_checkpoint` completes it."""
+
+    run_dir: Path
+    tmp: Path
+    final: Path
+    state: TrainState
+    keep_last: int
+    test_delay_s: float
+    future: Future | None = None
+    error: BaseException | None = None
+
+
+def start_checkpoint(
     run_dir: str | os.PathLike,
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     state: TrainState,
     *,
     keep_last: int = 0,
-) -> Path:
-    """Collective: every rank calls it. Returns the final folder."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    rank = _rank()
+    test_delay_s: float = 0.0,
+    async_group: Any = False,
+) -> PendingCheckpoint:
+    """Collective: every rank calls it. Writes (or, with async_group, starts writing) the shards."""
     root = checkpoints_dir(run_dir)
     final = root / step_dir_name(state.step)
     tmp = root / (final.name + ".tmp")
-    if rank == 0:
+    if _rank() == 0:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
     _barrier()
-    model_state, optim_state = get_state_dict(model, optimizer)
-    with _single_process_ok():
-        dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=str(tmp), no_dist=not _distributed())
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_state(), tmp / "rng" / f"rank-{rank:05d}.pt")
-    if rank == 0:
-        _atomic_write_text(tmp / TRAIN_STATE, json.dumps(asdict(state), indent=2) + "\n")
+    pending = PendingCheckpoint(Path(run_dir), tmp, final, state, keep_last, test_delay_s)
+    try:
+        pending.future = _write_shards(tmp, model, optimizer, state, async_group=async_group)
+    except BaseException as exc:  # DCP raises CheckpointException, a BaseException
+        if not _disk_full(exc):
+            raise
+        pending.error = exc
+    return pending
+
+
+def finish_checkpoint(pending: PendingCheckpoint) -> Path:
+    """Collective: wait for every rank's shards, then write COMPLETE and rename; returns the folder.
+
+    Raises MptlikeError on every rank when the disk filled up on any rank; the half-written .tmp
+    folder is removed and the older checkpoints are left as they were.
+    """
+    rank = _rank()
+    error = pending.error
+    if pending.future is not None and error is None:
+        try:
+            pending.future.result()
+        except BaseException as exc:
+            if not _disk_full(exc):
+                raise
+            error = exc
+    tmp, final = pending.tmp, pending.final
+    # Every rank learns whether any rank ran out of space, so none waits forever at the barrier.
+    if _any_rank_failed(error is not None):
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        _barrier()
+        raise MptlikeError(
+            f"disk full while writing checkpoint {final}: free space or lower checkpoint.keep_last "
+            f"(the previous checkpoints are intact; resume=auto continues from the newest)"
+        ) from None
+    if pending.test_delay_s > 0:
+        time.sleep(pending.test_delay_s)
     _barrier()
     if rank == 0:
+        state = pending.state
         marker = {"step": state.step, "world_size": state.world_size, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
         _atomic_write_text(tmp / COMPLETE, json.dumps(marker) + "\n")
         if final.exists():
@@ -199,9 +308,23 @@ def save_checkpoint(
             os.replace(final, stale)
             shutil.rmtree(stale)
         os.replace(tmp, final)
-        _prune(run_dir, keep_last)
+        _prune(pending.run_dir, pending.keep_last)
     _barrier()
     return final
+
+
+def save_checkpoint(
+    run_dir: str | os.PathLike,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    state: TrainState,
+    *,
+    keep_last: int = 0,
+    test_delay_s: float = 0.0,
+) -> Path:
+    """Collective: every rank calls it. Returns the final folder (see finish_checkpoint for errors)."""
+    return finish_checkpoint(start_checkpoint(run_dir, model, optimizer, state, keep_last=keep_last,
+                                              test_delay_s=test_delay_s))
 
 
 def _prune(run_dir: str | os.PathLike, keep_last: int) -> None:
@@ -240,7 +363,11 @@ def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimiz
     state = read_train_state(path)
     rng_file = path / "rng" / f"rank-{_rank():05d}.pt"
     if rng_file.is_file():
-        _set_rng_state(torch.load(rng_file, weights_only=False))
+        try:
+            _set_rng_state(torch.load(rng_file, weights_only=True))
+        except (pickle.UnpicklingError, RuntimeError, ValueError):
+            # Checkpoints from before the pickle-free format: never unpickle, reseed instead.
+            log.warning("%s is not in the weights-only RNG format; keeping the seeded RNG", rng_file)
     else:
         log.warning("%s has no RNG state for rank %d (saved at world size %d); keeping the seeded RNG",
                     path, _rank(), state.world_size)

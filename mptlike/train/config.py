@@ -45,7 +45,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = detect from the GPU name
     progress_bar: bool = True
-    max_nonfinite_steps: int = 10  # consecutive steps with a NaN/inf loss before giving up
+    max_nonfinite_steps: int = 10  # composer backend: consecutive NaN/inf steps before giving up (lightning: guard.*)
 
 
 @dataclass
@@ -90,7 +90,35 @@ class CheckpointConfig:
     keep_last: int = 2  # newest complete checkpoints kept; 0 keeps all
     save_final: bool = True
     export_final: bool = True  # run_dir/final: config.json + model.safetensors (save_pretrained)
-    overwrite: bool = False  # with resume=never: delete checkpoints already in run_dir
+    # Start a fresh run in a run_dir that holds another run: with resume=never, delete its
+    # checkpoints; with any resume, accept a run_dir whose config.yaml describes a different run.
+    overwrite: bool = False
+    # Write the tensors from a background thread (torch.distributed.checkpoint.async_save) while
+    # training continues; costs one extra CPU copy of the model and optimizer state per rank.
+    async_save: bool = False
+    # Testing aid: seconds to sleep after every rank wrote its shards and before the COMPLETE
+    # marker, so a test can kill the job in the middle of a checkpoint. Keep 0 in real runs.
+    test_delay_s: float = 0.0
+
+
+@dataclass
+class GuardConfig:
+    # What a step with a NaN/inf loss or gradient norm does (detected before the optimizer step,
+    # so the weights stay finite): stop (exit 2 naming the step and its samples) | skip (drop the
+    # update, the data moves on) | rollback (reload the newest complete checkpoint and pass over
+    # the offending global batch).
+    nonfinite: str = "skip"
+    max_skips: int = 10  # skip/rollback events allowed in a run; one more stops it
+    # Testing aid: make the loss NaN on the global batch that step N reads in an uninterrupted
+    # run (a poisoned batch: after a rollback passes over it, it does not recur). 0 = off.
+    inject_nan_at_step: int = 0
+
+
+@dataclass
+class DebugConfig:
+    # Rank 0 appends {"step": N, "samples": [global sample indices]} per step to run_dir/samples.jsonl
+    # (rows past a resumed step are dropped on resume), to audit the data order across restarts.
+    log_sample_ids: bool = False
 
 
 @dataclass
@@ -127,6 +155,8 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
 
 
 def conf_dir() -> Path:

@@ -50,6 +50,12 @@ class CSVMetricsLogger(Logger):
         self._rewrite()
 
     @rank_zero_only
+    def truncate(self, step: int) -> None:
+        """Drop the rows after `step` (a rollback trains those steps again)."""
+        self._rows = [row for row in self._rows if int(row["step"]) <= step]
+        self._rewrite()
+
+    @rank_zero_only
     def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
         pass  # the resolved config is saved as run_dir/config.yaml
 

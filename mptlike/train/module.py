@@ -5,6 +5,8 @@ rest by hand (manual optimization), because exact resume needs it: each step pul
 `accumulation_steps` micro-batches from the resumable loader itself (no prefetching that could
 run ahead of a checkpoint), runs forward/backward on each with gradient sync only on the last,
 clips, and steps optimizer and schedule. Evaluation and checkpoints run between steps.
+A NaN/inf loss or gradient norm is handled before the optimizer step by the policy in
+`mptlike.train.guard` (stop, skip, or roll back to the last checkpoint).
 """
 
 from __future__ import annotations
@@ -23,13 +25,26 @@ import torch.distributed as dist
 from mptlike.model import MPTForCausalLM
 from mptlike.parallel import is_sharded, materialize, parallelize, resolve_init_mode
 from mptlike.train.checkpoint import (
+    PendingCheckpoint,
     TrainState,
+    complete_checkpoints,
+    finish_checkpoint,
     load_checkpoint,
     load_pretrained_weights,
     remove_stale_tmp,
-    save_checkpoint,
+    start_checkpoint,
 )
 from mptlike.train.evaluate import evaluate
+from mptlike.train.guard import (
+    GUARD_EVENTS,
+    SAMPLES_LOG,
+    NonFiniteError,
+    append_jsonl,
+    batch_sample_ids,
+    describe_ids,
+    stop_message,
+    truncate_jsonl,
+)
 from mptlike.train.optim import build_optimizer
 from mptlike.train.plan import RunPlan
 from mptlike.train.schedule import LRScheduler
@@ -66,8 +81,11 @@ class MPTTrainingModule(pl.LightningModule):
         self._train_iter = None
         self._loader = None
         self._val_dataset = None
-        self._nonfinite = 0
+        self._nonfinite_events = 0  # guard events so far (checkpointed)
+        self._skip_positions: set[int] = set()  # stream positions of global batches to pass over
         self._last_saved = -1
+        self._pending: PendingCheckpoint | None = None  # an asynchronous save not yet marked COMPLETE
+        self._async_group: Any = False  # False: synchronous saves; else the process group async saves use
 
     # ---- model and optimizer -------------------------------------------------------------
 
@@ -138,9 +156,19 @@ class MPTTrainingModule(pl.LightningModule):
         else:
             # Dropout differs per rank on purpose; the weights were seeded separately.
             torch.manual_seed(cfg.seed + 1 + rank)
+        if rank == 0:
+            # Rows a killed run wrote after its last checkpoint describe steps that run again.
+            truncate_jsonl(plan.run_dir / SAMPLES_LOG, self.step)
+            truncate_jsonl(plan.run_dir / GUARD_EVENTS, self.step)
         self._train_iter = iter(self._loader)
         if cfg.eval.every_n_steps or cfg.eval.at_end:
             self._val_dataset = self._open_val(seq_len, with_ids)
+        if cfg.checkpoint.async_save:
+            self._async_group = None
+            if dist.is_available() and dist.is_initialized():
+                # The background writer runs its own collectives (on CPU): a group of its own keeps
+                # them from interleaving with training's on the default group.
+                self._async_group = dist.new_group(backend="gloo")
 
     def _open_val(self, seq_len: int, with_ids: bool):
         from mptlike.data import Manifest, TokenDataset
@@ -159,6 +187,8 @@ class MPTTrainingModule(pl.LightningModule):
             group.update(values)
         self.step = state.step
         self.tokens_seen = state.tokens_seen
+        self._nonfinite_events = state.nonfinite_events
+        self._skip_positions = set(state.skip_positions)
         self._loader.load_state_dict(state.loader)
         self._last_saved = state.step
         log.info("resumed from %s at step %d (saved at world size %d)", path, state.step, state.world_size)
@@ -169,12 +199,26 @@ class MPTTrainingModule(pl.LightningModule):
 
     # ---- one optimizer step --------------------------------------------------------------
 
+    def _pass_over_skipped_batches(self) -> int:
+        """Draw and drop global batches a rollback marked; returns the position this step reads."""
+        while self._loader.samples_consumed in self._skip_positions:
+            for _ in range(self.plan.accumulation_steps):
+                next(self._train_iter)
+        return self._loader.samples_consumed
+
+    def _batch_ids(self, position: int) -> list[int]:
+        loader = self._loader
+        return batch_sample_ids(position, loader.global_batch_size, loader.num_samples, loader.seed)
+
     def training_step(self, batch: Any, batch_idx: int) -> None:
         plan = self.plan
         optimizer = self.optimizers()
+        position = self._pass_over_skipped_batches()
         lr = self._scheduler.apply(self.step)
         accum = plan.accumulation_steps
         sharded = is_sharded(self.model)
+        inject = plan.cfg.guard.inject_nan_at_step
+        poisoned = inject > 0 and position == (inject - 1) * plan.cfg.trainer.global_batch_size
         loss_sum = torch.zeros((), device=self.device)
         for i in range(accum):
             micro = self._next_micro_batch()
@@ -182,34 +226,81 @@ class MPTTrainingModule(pl.LightningModule):
                 # Reduce-scatter gradients once per step, after the last micro-batch.
                 self.model.set_requires_gradient_sync(i == accum - 1)
             out = self.model(micro["input_ids"], labels=micro["labels"], sequence_id=micro.get("sequence_id"))
-            self.manual_backward(out.loss / accum)
-            loss_sum += out.loss.detach().float()
+            micro_loss = out.loss * float("nan") if poisoned else out.loss
+            self.manual_backward(micro_loss / accum)
+            loss_sum += micro_loss.detach().float()
         loss = loss_sum / accum
         if plan.world.world_size > 1:
             dist.all_reduce(loss)
             loss /= plan.world.world_size
         grad_norm = self._clip_gradients()
+        # The loss is all-reduced and the norm global, so every rank reads the same two numbers.
         loss_value, norm_value = loss.item(), grad_norm.item()
         skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
-        if skipped:
-            self._nonfinite += 1
-            log.warning("step %d: non-finite loss %s or grad norm %s, optimizer step skipped",
-                        self.step + 1, loss_value, norm_value)
-            if self._nonfinite >= plan.cfg.trainer.max_nonfinite_steps:
-                raise RuntimeError(
-                    f"{self._nonfinite} consecutive steps with a non-finite loss: lower optim.lr, raise "
-                    f"optim.warmup_steps, or resume from an earlier checkpoint"
-                )
-        else:
-            self._nonfinite = 0
+        action = self._on_nonfinite(position, loss_value, norm_value) if skipped else "step"
+        if action == "step":
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if action == "rollback":
+            self._rollback(position)
+            return
         self.step += 1
         self.tokens_seen += plan.tokens_per_step
         self.last = StepResult(self.step, loss_value, lr, norm_value, skipped)
         if self.first_loss is None:
             self.first_loss = loss_value
+        if plan.cfg.debug.log_sample_ids and self.global_rank == 0:
+            append_jsonl(plan.run_dir / SAMPLES_LOG, {"step": self.step, "samples": self._batch_ids(position)})
+        if self.step >= plan.cfg.trainer.max_steps:
+            self.trainer.should_stop = True  # a rollback replays steps, so the loop's batch count is only a bound
         self._between_steps()
+
+    def _on_nonfinite(self, position: int, loss: float, grad_norm: float) -> str:
+        """Apply guard.nonfinite: raise NonFiniteError, or return "skip" or "rollback"."""
+        guard = self.plan.cfg.guard
+        step = self.step + 1
+        ids = self._batch_ids(position)
+        policy = guard.nonfinite
+        if policy != "stop" and self._nonfinite_events >= guard.max_skips:
+            reason = f"guard.max_skips={guard.max_skips} events already handled by guard.nonfinite={policy}"
+            policy = "stop"
+        else:
+            reason = "guard.nonfinite=stop"
+        event = {"step": step, "loss": repr(loss), "grad_norm": repr(grad_norm), "action": policy,
+                 "stream_position": position, "samples": ids}
+        if self.global_rank == 0:
+            append_jsonl(self.plan.run_dir / GUARD_EVENTS, event)
+        self.log_metrics({"guard/nonfinite_step": 1.0}, step)
+        if policy == "stop":
+            self.finish_pending_save()  # saved before this step: its weights are finite
+            raise NonFiniteError(stop_message(step, loss, grad_norm, ids, reason))
+        self._nonfinite_events += 1
+        log.warning("step %d: non-finite loss %s or gradient norm %s on samples %s: %s (event %d of at most %d)",
+                    step, loss, grad_norm, describe_ids(ids),
+                    "update skipped" if policy == "skip" else "rolling back to the last checkpoint",
+                    self._nonfinite_events, guard.max_skips)
+        return policy
+
+    def _rollback(self, position: int) -> None:
+        """Reload the newest complete checkpoint; the replay passes over the batch at `position`."""
+        self.finish_pending_save()
+        found = complete_checkpoints(self.plan.run_dir)
+        if not found:
+            ids = self._batch_ids(position)
+            raise NonFiniteError(stop_message(self.step + 1, math.nan, math.nan, ids,
+                                              "guard.nonfinite=rollback found no complete checkpoint to roll back to"))
+        skip, events = self._skip_positions | {position}, self._nonfinite_events
+        self._resume(found[-1][1])
+        # The checkpoint predates this event: keep the newer bookkeeping.
+        self._skip_positions = skip | self._skip_positions
+        self._nonfinite_events = max(events, self._nonfinite_events)
+        self._train_iter = iter(self._loader)
+        self.last = None  # no step was taken: the callbacks report nothing
+        if self.global_rank == 0:
+            truncate_jsonl(self.plan.run_dir / SAMPLES_LOG, self.step)
+            for logger in self.trainer.loggers:
+                if hasattr(logger, "truncate"):
+                    logger.truncate(self.step)
 
     def _clip_gradients(self) -> torch.Tensor:
         params = [p for p in self.model.parameters() if p.grad is not None]
@@ -264,18 +355,35 @@ class MPTTrainingModule(pl.LightningModule):
             loader=self._loader.state_dict(),
             world_size=self.trainer.world_size,
             tokens_seen=self.tokens_seen,
+            nonfinite_events=self._nonfinite_events,
+            skip_positions=sorted(self._skip_positions),
         )
-        path = save_checkpoint(self.plan.run_dir, self.model, self._optimizer, state,
-                               keep_last=self.plan.cfg.checkpoint.keep_last)
+        self.finish_pending_save()
+        ckpt = self.plan.cfg.checkpoint
+        pending = start_checkpoint(self.plan.run_dir, self.model, self._optimizer, state, keep_last=ckpt.keep_last,
+                                   test_delay_s=ckpt.test_delay_s, async_group=self._async_group)
         self._last_saved = self.step
+        if self._async_group is False:
+            path = finish_checkpoint(pending)
+            log.info("step %d: checkpoint %s", self.step, path)
+        else:
+            self._pending = pending
         self.overhead_seconds += time.perf_counter() - start
-        log.info("step %d: checkpoint %s", self.step, path)
+
+    def finish_pending_save(self) -> None:
+        """Collective: wait for an asynchronous save, then mark it COMPLETE."""
+        if self._pending is None:
+            return
+        pending, self._pending = self._pending, None
+        path = finish_checkpoint(pending)
+        log.info("step %d: checkpoint %s (written in the background)", pending.state.step, path)
 
     def on_train_end(self) -> None:
         cfg = self.plan.cfg
         if self.step > self.plan.start_step:
             if cfg.checkpoint.save_final and self._last_saved != self.step:
                 self.save()
+            self.finish_pending_save()
             if cfg.eval.at_end:
                 self.run_eval()
         if cfg.checkpoint.export_final or cfg.sample.max_new_tokens:

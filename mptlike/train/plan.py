@@ -21,6 +21,7 @@ from mptlike.parallel import ParallelPlan, PrecisionPlan, resolve_precision
 from mptlike.parallel.materialize import INIT_MODES
 from mptlike.train.checkpoint import read_train_state, resolve_resume
 from mptlike.train.config import TrainConfig, config_to_dict
+from mptlike.train.guard import check_guard_config
 from mptlike.train.optim import check_optimizer_args
 from mptlike.train.schedule import Schedule
 
@@ -187,6 +188,10 @@ def _check_misc(cfg: TrainConfig) -> None:
     _positive("trainer.max_steps", t.max_steps)
     _positive("trainer.log_every_n_steps", t.log_every_n_steps)
     _positive("trainer.max_nonfinite_steps", t.max_nonfinite_steps)
+    g = cfg.guard
+    check_guard_config(g.nonfinite, g.max_skips, g.inject_nan_at_step)
+    if cfg.checkpoint.test_delay_s < 0:
+        raise MptlikeError(f"checkpoint.test_delay_s={cfg.checkpoint.test_delay_s} is invalid: use 0 (a testing aid)")
     if t.peak_flops < 0:
         raise MptlikeError(f"trainer.peak_flops={t.peak_flops} is invalid: use 0 (detect) or the device's FLOP/s")
     if cfg.parallel.init not in INIT_MODES:
@@ -215,6 +220,47 @@ def _check_misc(cfg: TrainConfig) -> None:
         raise MptlikeError(f"run_dir={cfg.run_dir} is a file: give a folder")
     if cfg.resume not in ("auto", "never") and not cfg.resume:
         raise MptlikeError("resume is empty: use auto, never or a checkpoint folder")
+
+
+RUN_CONFIG = "config.yaml"
+# Keys a restart may change without it being another run: how it starts, how long, what it shows.
+_RESTART_KEYS = ("resume", "dry_run", "init_from", "trainer.max_steps", "trainer.progress_bar",
+                 "trainer.log_every_n_steps", "checkpoint.overwrite", "checkpoint.test_delay_s",
+                 "guard.inject_nan_at_step")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix: tree}
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        out.update(_flatten(value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}"))
+    return out
+
+
+def check_run_dir_free(cfg: TrainConfig) -> None:
+    """A fresh start must not take over a run_dir whose config.yaml describes another run."""
+    import yaml
+
+    from mptlike.train.redact import redact
+
+    saved_file = Path(cfg.run_dir) / RUN_CONFIG
+    if not saved_file.is_file():
+        return
+    try:
+        saved = _flatten(yaml.safe_load(saved_file.read_text()) or {})
+    except yaml.YAMLError:
+        saved = {}
+    current = _flatten(redact(config_to_dict(cfg)))
+    keys = sorted(set(saved) | set(current))
+    differ = [k for k in keys if k not in _RESTART_KEYS and saved.get(k) != current.get(k)]
+    if differ:
+        shown = ", ".join(f"{k}={current.get(k)} (saved {saved.get(k)})" for k in differ[:3])
+        more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+        raise MptlikeError(
+            f"run_dir={cfg.run_dir} holds another run ({shown}{more}) and no checkpoint to resume: use another "
+            f"run_dir, or checkpoint.overwrite=true to start over there"
+        )
 
 
 def build_plan(cfg: TrainConfig) -> RunPlan:
@@ -252,6 +298,8 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
             resume_from = resolve_resume(cfg.resume, cfg.run_dir, overwrite=cfg.checkpoint.overwrite)
         if resume_from is not None:
             start_step = read_train_state(resume_from).step
+        elif cfg.trainer.backend == "lightning" and not cfg.checkpoint.overwrite:
+            check_run_dir_free(cfg)
         if cfg.init_from:
             init_from = check_init_from(cfg.init_from, model)
         if data.is_default_corpus and cfg.data.path is None:

@@ -16,6 +16,7 @@ import torch.distributed as dist
 from mptlike.model import MPTForCausalLM
 from mptlike.train.checkpoint import checkpoints_dir
 from mptlike.train.plan import RunPlan, check_data
+from mptlike.train.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +59,7 @@ def write_config(plan: RunPlan) -> None:
     run_dir = plan.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     tmp = run_dir / f".{CONFIG_FILE}.tmp"
-    tmp.write_text(OmegaConf.to_yaml(plan.config_dict))
+    tmp.write_text(OmegaConf.to_yaml(redact(plan.config_dict)))
     os.replace(tmp, run_dir / CONFIG_FILE)
 
 
@@ -173,7 +174,7 @@ def run(plan: RunPlan) -> RunResult:
         entity=cfg.logger.entity,
         group=cfg.logger.group,
         tags=list(cfg.logger.tags),
-        config=plan.config_dict,
+        config=redact(plan.config_dict),
         resume_step=plan.start_step if plan.resume_from is not None else 0,
         is_rank_zero=rank_zero,
     )
@@ -182,7 +183,8 @@ def run(plan: RunPlan) -> RunResult:
     module = MPTTrainingModule(plan)
     trainer = _build_trainer(plan, module, callbacks, loggers)
     start = time.perf_counter()
-    trainer.fit(module, train_dataloaders=range(remaining))
+    # The module stops the loop at trainer.max_steps; rollbacks replay steps, hence the larger bound.
+    trainer.fit(module, train_dataloaders=range(remaining * (cfg.guard.max_skips + 2)))
     wall = time.perf_counter() - start
     _finish_loggers(loggers, trainer.is_global_zero)
     if dist.is_available() and dist.is_initialized():

@@ -35,6 +35,8 @@ class ProgressDisplay(pl.Callback):
         if not trainer.is_global_zero:
             return
         result = pl_module.last
+        if result is None:  # a rollback: no step was taken
+            return
         latest = self.monitor.latest
         if self._bar is not None:
             postfix = {"loss": f"{result.loss:.3f}"}

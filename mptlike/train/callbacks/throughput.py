@@ -36,8 +36,11 @@ class ThroughputMonitor(pl.Callback):
             self._restart(pl_module)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        self._window_steps += 1
         result = pl_module.last
+        if result is None:  # a rollback: no step was taken
+            self._restart(pl_module)
+            return
+        self._window_steps += 1
         plan = pl_module.plan
         every = plan.cfg.trainer.log_every_n_steps
         if result.step % every and result.step != plan.cfg.trainer.max_steps:
