@@ -32,6 +32,21 @@ CONFIG_NAME = "config.json"
 MODEL_TYPE = "mptlike"
 
 
+class Linear(nn.Linear):
+    """nn.Linear without torch's default init: `init_weights()` sets every parameter, and skipping it
+    keeps meta-device construction free of work (and of the import torch's meta init triggers)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding without torch's default init (see Linear)."""
+
+    def reset_parameters(self) -> None:
+        pass
+
+
 @dataclass
 class MPTOutput:
     logits: torch.Tensor
@@ -46,12 +61,12 @@ class MPTAttention(nn.Module):
         super().__init__()
         self.cfg = cfg
         kv_dim = cfg.kv_n_heads * cfg.head_dim
-        self.Wqkv = nn.Linear(cfg.d_model, cfg.d_model + 2 * kv_dim, bias=not cfg.no_bias)
+        self.Wqkv = Linear(cfg.d_model, cfg.d_model + 2 * kv_dim, bias=not cfg.no_bias)
         self.split_sizes = (cfg.d_model, kv_dim, kv_dim)
         if cfg.qk_ln:
             self.q_ln = LPLayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=not cfg.no_bias)
             self.k_ln = LPLayerNorm(kv_dim, eps=cfg.norm_eps, bias=not cfg.no_bias)
-        self.out_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=not cfg.no_bias)
+        self.out_proj = Linear(cfg.d_model, cfg.d_model, bias=not cfg.no_bias)
         self.out_proj._is_residual = True
         self.softmax_scale = cfg.softmax_scale or 1.0 / math.sqrt(cfg.head_dim)
 
@@ -92,9 +107,9 @@ class MPTAttention(nn.Module):
 class MPTMLP(nn.Module):
     def __init__(self, cfg: MPTConfig):
         super().__init__()
-        self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_hidden_size, bias=not cfg.no_bias)
+        self.up_proj = Linear(cfg.d_model, cfg.ffn_hidden_size, bias=not cfg.no_bias)
         self.act = nn.GELU(approximate="none")
-        self.down_proj = nn.Linear(cfg.ffn_hidden_size, cfg.d_model, bias=not cfg.no_bias)
+        self.down_proj = Linear(cfg.ffn_hidden_size, cfg.d_model, bias=not cfg.no_bias)
         self.down_proj._is_residual = True
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -130,9 +145,9 @@ class MPTModel(nn.Module):
     def __init__(self, cfg: MPTConfig):
         super().__init__()
         self.cfg = cfg
-        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.wte = Embedding(cfg.vocab_size, cfg.d_model)
         if cfg.learned_pos_emb:
-            self.wpe = nn.Embedding(cfg.max_seq_len, cfg.d_model)
+            self.wpe = Embedding(cfg.max_seq_len, cfg.d_model)
         self.emb_drop = nn.Dropout(cfg.emb_pdrop)
         self.blocks = nn.ModuleList(MPTBlock(cfg) for _ in range(cfg.n_layers))
         self.norm_f = LPLayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=not cfg.no_bias)
@@ -173,7 +188,7 @@ class MPTForCausalLM(nn.Module):
         self.config = config
         self.transformer = MPTModel(config)
         if not config.tie_word_embeddings:
-            self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+            self.lm_head = Linear(config.d_model, config.vocab_size, bias=False)
         if not self.transformer.wte.weight.is_meta:
             self.init_weights()
 
