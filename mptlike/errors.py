@@ -10,3 +10,9 @@ class MptlikeError(ValueError):
 
 
 EXIT_USAGE = 2
+
+
+def short_error(exc: BaseException) -> str:
+    """A library exception squeezed onto one line, to quote inside a MptlikeError sentence."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 160 else text[:157] + "..."

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from mptlike.errors import MptlikeError
+from mptlike.errors import MptlikeError, short_error
 from mptlike.integrations import hf, hf_io
 from mptlike.model import MPTConfig, MPTForCausalLM
 from mptlike.model.mpt import CONFIG_NAME, MODEL_TYPE, WEIGHTS_NAME
@@ -173,7 +173,7 @@ def _read_pretrained(folder: Path) -> MPTForCausalLM:
         return MPTForCausalLM.from_pretrained(folder)
     except (SafetensorError, OSError, RuntimeError) as exc:
         raise MptlikeError(
-            f"{folder / WEIGHTS_NAME} could not be read ({hf_io.short_error(exc)}): the file is damaged, re-export it"
+            f"{folder / WEIGHTS_NAME} could not be read ({short_error(exc)}): the file is damaged, re-export it"
         ) from None
 
 
@@ -231,7 +231,7 @@ def read_run_config(run_dir: Path) -> dict[str, Any] | None:
     try:
         conf = OmegaConf.load(path)
     except Exception as exc:  # yaml and OmegaConf raise many unrelated types for a malformed file
-        raise MptlikeError(f"{path} is not valid YAML ({hf_io.short_error(exc)}): restore it from the run") from None
+        raise MptlikeError(f"{path} is not valid YAML ({short_error(exc)}): restore it from the run") from None
     try:
         values = OmegaConf.to_container(conf, resolve=True)
     except Exception:  # an interpolation that only resolves inside the trainer
@@ -252,12 +252,9 @@ def read_dcp_model_state(folder: Path, config: MPTConfig) -> dict[str, torch.Ten
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    try:
-        metadata = dcp.FileSystemReader(str(folder)).read_metadata()
-    except Exception as exc:  # pickle, EOF and OS errors for a damaged .metadata
-        raise MptlikeError(
-            f"{folder / DCP_METADATA} could not be read ({hf_io.short_error(exc)}): pick another checkpoint"
-        ) from None
+    from mptlike.train.checkpoint import read_dcp_metadata
+
+    metadata = read_dcp_metadata(folder)
     tensors = {
         _clean_name(key): (key, meta)
         for key, meta in metadata.state_dict_metadata.items()
@@ -291,7 +288,7 @@ def read_dcp_model_state(folder: Path, config: MPTConfig) -> dict[str, torch.Ten
             dcp.load(buffers, storage_reader=dcp.FileSystemReader(str(folder)))
     except Exception as exc:  # CheckpointException wraps per-file read errors
         raise MptlikeError(
-            f"{folder} could not be read ({hf_io.short_error(exc)}): the shards are damaged, pick another step"
+            f"{folder} could not be read ({short_error(exc)}): the shards are damaged, pick another step"
         ) from None
     return {name: buffers[tensors[chosen + name][0]] for name in expected}
 

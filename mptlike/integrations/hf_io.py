@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mptlike.errors import MptlikeError
+from mptlike.errors import MptlikeError, short_error
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +127,6 @@ def _read_file(path: Path) -> dict[str, torch.Tensor]:
     ):
         raise MptlikeError(f"{path} does not hold a flat name -> tensor state dict: re-export it with save_pretrained")
     return loaded
-
-
-def short_error(exc: BaseException) -> str:
-    text = " ".join(str(exc).split())
-    return text if len(text) <= 160 else text[:157] + "..."
 
 
 def write_hf_folder(

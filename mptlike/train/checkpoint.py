@@ -40,7 +40,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mptlike.errors import MptlikeError
+from mptlike.errors import MptlikeError, short_error
 
 log = logging.getLogger(__name__)
 
@@ -389,3 +389,15 @@ def load_pretrained_weights(model: nn.Module, folder: Path) -> None:
     state = load_file(str(folder / WEIGHTS_NAME)) if _rank() == 0 or not multi else {}
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=multi)
     set_model_state_dict(model, state, options=options)
+
+
+def read_dcp_metadata(folder: Path):
+    """The torch.distributed.checkpoint metadata of `folder`, or one clear error when it is damaged."""
+    import torch.distributed.checkpoint as dcp
+
+    try:
+        return dcp.FileSystemReader(str(folder)).read_metadata()
+    except Exception as exc:  # pickle, EOF and OS errors for a damaged .metadata
+        raise MptlikeError(
+            f"{folder / '.metadata'} could not be read ({short_error(exc)}): pick another checkpoint"
+        ) from None

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from mptlike.errors import MptlikeError
+from mptlike.errors import MptlikeError, short_error
 from mptlike.model import MPTConfig
 
 if TYPE_CHECKING:
@@ -216,13 +216,8 @@ def load_composer_file(path: Path) -> dict[str, Any]:
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle, zip and OS errors for a damaged or foreign file
         raise MptlikeError(
-            f"{path} could not be read as a Composer checkpoint ({_short(exc)}): pick another one"
+            f"{path} could not be read as a Composer checkpoint ({short_error(exc)}): pick another one"
         ) from None
-
-
-def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _config_from_json(text: Any) -> MPTConfig | None:
@@ -254,12 +249,9 @@ def _read_sharded(folder: Path) -> tuple[MPTConfig | None, dict[str, torch.Tenso
 
     prefix = "state.model." + MODEL_PREFIX
     config_key = f"state.callbacks.{RUN_INFO}.{RUN_INFO_CONFIG}"
-    try:
-        metadata = dcp.FileSystemReader(str(folder)).read_metadata()
-    except Exception as exc:  # pickle, EOF and OS errors for a damaged .metadata
-        raise MptlikeError(
-            f"{folder / '.metadata'} could not be read ({_short(exc)}): pick another checkpoint"
-        ) from None
+    from mptlike.train.checkpoint import read_dcp_metadata
+
+    metadata = read_dcp_metadata(folder)
     entries: dict[str, Any] = {
         key: torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
         for key, meta in metadata.state_dict_metadata.items()
@@ -275,7 +267,7 @@ def _read_sharded(folder: Path) -> tuple[MPTConfig | None, dict[str, torch.Tenso
             dcp.load(entries, storage_reader=dcp.FileSystemReader(str(folder)))
     except Exception as exc:  # CheckpointException wraps per-file read errors
         raise MptlikeError(
-            f"{folder} could not be read ({_short(exc)}): the shards are damaged, pick another step"
+            f"{folder} could not be read ({short_error(exc)}): the shards are damaged, pick another step"
         ) from None
     config = _config_from_json(entries.pop(config_key, None))
     return config, {_clean_name(key[len(prefix):]): value for key, value in entries.items()}
