@@ -1,6 +1,7 @@
 # Two entry points, each installing what it needs the first time:
 #   make train [ARGS="hydra overrides"]   the quickstart (or any run)
 #   make test                             the test suite
+#   make lint                             ruff, as CI runs it
 # TORCH picks the torch build: the default pin is the CPU wheel on a CPU box and the usual CUDA
 # build on a GPU box; set TORCH=torch (or a CUDA index) to choose yourself.
 #   make composer-env / make test-composer   MosaicML Composer's own environment (torch 2.7) and its tests
@@ -9,7 +10,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: train test install install-dev bench clean composer-env test-composer
+.PHONY: train test lint install install-dev bench clean composer-env test-composer
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +32,10 @@ train: $(VENV)/.core
 
 test: $(VENV)/.dev
 	$(BIN)/python -m pytest -q -x tests
+
+# ruff, configured in pyproject.toml ([tool.ruff]); CI runs it after the tests.
+lint: $(VENV)/.dev
+	$(BIN)/ruff check .
 
 # MosaicML Composer 0.32 (its last release) needs torch >= 2.6, < 2.7.1 and torchvision, so it
 # gets its own environment. The stamp names the pins and pyproject.toml's hash: an environment

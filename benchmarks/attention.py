@@ -188,7 +188,7 @@ def bench_one(impl: str, shape: Shape, dtype, device, use_alibi: bool, timer) ->
             torch.autograd.backward(forward(), grad_out)
 
         out = forward()
-        result.bwd_ms = timer(lambda: torch.autograd.backward(out, grad_out, retain_graph=True))
+        result.bwd_ms = timer(lambda out=out: torch.autograd.backward(out, grad_out, retain_graph=True))
         del out
         result.fwd_bwd_ms = timer(forward_backward)
         result.bwd_tflops = BWD_FLOP_FACTOR * shape.fwd_flops / (result.bwd_ms * 1e-3) / 1e12

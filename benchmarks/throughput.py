@@ -10,8 +10,9 @@ importable; otherwise the step runs plain and the output says so.
     python benchmarks/throughput.py --preset mpt-tiny --seq 256 --micro-batch 8 --steps 10 --compare-hf
 
 FLOPs per token are ``MPTForCausalLM.flops_per_token``: 6 * N + 12 * n_layers * d_model * seq (N = all
-parameters, attention counted causal-unaware), the same numbers the trainer logs. MFU is reported against the datasheet peak (H100/H200 989e12,
-A100 312e12, or ``--peak-flops``) and against a matmul ceiling measured at start.
+parameters, attention counted causal-unaware), the same numbers the trainer logs. MFU is reported
+against the datasheet peak (H100/H200 989e12, A100 312e12, or ``--peak-flops``) and against a matmul
+ceiling measured at start.
 
 ``--compare-hf`` (CPU) times the same step side by side with transformers' ``MptForCausalLM``: same
 config, same weights (copied by state dict), same batch, same threads, fp32, same optimizer. The
@@ -213,7 +214,8 @@ def apply_parallel(model: torch.nn.Module, ac: str, ac_every: int, compile_block
     except (TypeError, AttributeError) as exc:
         log.warning("mptlike.parallel.parallelize does not fit this benchmark (%s); running plain", exc)
         return f"none (mptlike.parallel incompatible: {exc})"
-    return f"mptlike.parallel: ac={ac}" + (f"(every {ac_every})" if ac == "every_k" else "") + f", compile={compile_blocks}"
+    every = f"(every {ac_every})" if ac == "every_k" else ""
+    return f"mptlike.parallel: ac={ac}{every}, compile={compile_blocks}"
 
 
 def ours_step(model, optimizer, tokens: torch.Tensor, autocast: contextlib.AbstractContextManager | None):
@@ -286,7 +288,8 @@ def run_single(args: argparse.Namespace, command: str) -> Report:
     gib = 1024**3
     return Report(
         preset=args.preset,
-        config={k: cfg.to_dict()[k] for k in ("d_model", "n_heads", "kv_n_heads", "n_layers", "vocab_size", "attn_impl")},
+        config={k: cfg.to_dict()[k]
+                for k in ("d_model", "n_heads", "kv_n_heads", "n_layers", "vocab_size", "attn_impl")},
         device=device.type,
         device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         torch_version=torch.__version__,
@@ -465,7 +468,8 @@ def print_report(report: Report) -> None:
     if report.device == "cpu" and report.peak_memory_gib is not None:
         mem += " (peak RSS growth)"
     print(f"{report.preset} ({report.config}) on {report.device_name}, torch {report.torch_version}")
-    print(f"  {report.precision}, {report.optimizer}, micro-batch {report.micro_batch} x seq {report.seq}, {report.threads} threads; "
+    print(f"  {report.precision}, {report.optimizer}, micro-batch {report.micro_batch} x seq {report.seq}, "
+          f"{report.threads} threads; "
           f"{report.num_params / 1e6:.1f}M params; parallel: {report.parallel}")
     print(f"  step {report.step_seconds_median * 1e3:.1f} ms (median of {len(report.step_seconds_all)}), "
           f"{report.tokens_per_sec:,.0f} tokens/s/device, {report.tflops:.2f} TFLOP/s")
@@ -517,7 +521,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--ac-every", type=int, default=2)
     p.add_argument("--adamw", choices=("auto", "fused", "foreach"), default="auto",
                    help="AdamW implementation (auto: fused on CUDA, foreach on CPU); both sides of --compare-hf use it")
-    p.add_argument("--peak-flops", type=float, default=None, help="datasheet peak FLOP/s for MFU (auto on H100/H200/A100)")
+    p.add_argument("--peak-flops", type=float, default=None,
+                   help="datasheet peak FLOP/s for MFU (auto on H100/H200/A100)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)

@@ -9,7 +9,9 @@ class MptlikeError(ValueError):
     """A user-facing error: bad config value, missing or corrupt file, unsupported option."""
 
 
-EXIT_USAGE = 2
+EXIT_USAGE = 2  # bad input: a config key, a file, a value (one line on stderr)
+EXIT_PREEMPTED = 3  # stopped by SIGTERM, SIGUSR1 or SIGINT after writing a complete checkpoint
+EXIT_INTERRUPTED = 130  # Ctrl-C before training started: nothing to checkpoint yet
 
 
 def short_error(exc: BaseException) -> str:

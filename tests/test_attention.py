@@ -10,9 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from mptlike.errors import MptlikeError
-attention_module = importlib.import_module("mptlike.ops.attention")
 from mptlike.ops.alibi import alibi_slopes
 from mptlike.ops.attention import ATTN_IMPLS, attention, check_attn_impl
+
+attention_module = importlib.import_module("mptlike.ops.attention")
 
 HAS_CUDA = torch.cuda.is_available()
 HAS_FLASH = importlib.util.find_spec("flash_attn") is not None

@@ -4,7 +4,6 @@ import json
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from tokenizers import Tokenizer as RawTokenizer
 
 from mptlike.data import Manifest, TokenDataset, prepare

@@ -13,7 +13,7 @@ from mptlike.data.manifest import Manifest, ShardInfo
 from mptlike.errors import MptlikeError
 from mptlike.integrations.checkpoint_io import read_checkpoint, staged_output
 from mptlike.model import MPTConfig, MPTForCausalLM
-from mptlike.train.checkpoint import COMPLETE, TrainState, save_checkpoint
+from mptlike.train.checkpoint import COMPLETE, Checkpointer
 from mptlike.train.config import DataConfig, TrainConfig, config_to_dict
 
 # Saving a step checkpoint in one process is exactly what these tests mean to do.
@@ -47,7 +47,9 @@ def make_run(tmp_path, model, data_dir=None):
 
 def save_step(run, model, step):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    return save_checkpoint(run, model, optimizer, TrainState(step=step))
+    checkpointer = Checkpointer(run)
+    checkpointer.save(step, model, optimizer, {})
+    return checkpointer.newest()
 
 
 def same_weights(a: MPTForCausalLM, b: MPTForCausalLM) -> bool:

@@ -47,12 +47,12 @@ def test_disk_full_during_a_checkpoint_keeps_the_previous_one_loadable(capsys, c
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-0000002"]
     assert [step for step, _ in complete_checkpoints(run_dir)] == [2]
     before = losses(run_dir)
-    assert sorted(before) == [1, 2, 3]  # step 4's metrics are reported after its checkpoint
-    # The disk has room again: resume=auto loads step 2 and replays step 3 exactly.
+    assert sorted(before) == [1, 2, 3, 4]  # step 4 was trained and logged; its checkpoint failed
+    # The disk has room again: resume=auto loads step 2 and replays steps 3 and 4 exactly.
     assert main(args) == 0
     after = losses(run_dir)
     assert sorted(after) == [1, 2, 3, 4, 5, 6]
-    assert after[3] == before[3]
+    assert after[3] == before[3] and after[4] == before[4]
 
 
 def test_a_fresh_run_refuses_a_run_dir_that_holds_another_runs_config(capsys, corpus, tmp_path):

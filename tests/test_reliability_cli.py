@@ -3,6 +3,7 @@
 mptlike-train's config errors, mptlike-convert and mptlike-prep have such tests in their own files.
 """
 
+import os
 import subprocess
 import sys
 
@@ -15,9 +16,9 @@ def corpus(tmp_path_factory):
     return make_corpus(tmp_path_factory.mktemp("corpus"))
 
 
-def run(module, *args, cwd):
+def run(module, *args, cwd, faults=""):
     return subprocess.run([sys.executable, "-m", module, *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          timeout=180)
+                          timeout=180, env={**os.environ, "MPTLIKE_FAULTS": faults})
 
 
 def assert_one_line_error(proc, prog, *words):
@@ -40,6 +41,6 @@ def test_commands_given_a_missing_path_print_one_line_without_a_traceback(tmp_pa
 
 def test_a_run_stopped_by_the_nan_guard_prints_one_line_without_a_traceback(tmp_path, corpus):
     args = tiny_args(corpus, tmp_path / "run", "eval.every_n_steps=0", "eval.at_end=false",
-                     "guard.nonfinite=stop", "guard.inject_nan_at_step=2")
-    proc = run("mptlike.train", *args, cwd=tmp_path)
+                     "guard.nonfinite=stop")
+    proc = run("mptlike.train", *args, cwd=tmp_path, faults="nan_at_step=2")
     assert_one_line_error(proc, "mptlike-train", "step 2: non-finite loss nan")

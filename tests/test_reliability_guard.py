@@ -1,4 +1,5 @@
-"""An injected NaN loss triggers each guard.nonfinite policy as documented (one process, tiny model)."""
+"""An injected NaN loss (MPTLIKE_FAULTS, mptlike.train.faults) triggers each guard.nonfinite policy as
+documented (one process, tiny model)."""
 
 import json
 
@@ -56,9 +57,11 @@ def test_sample_log_names_the_samples_the_loader_hands_out(corpus, clean_run):
         assert torch.equal(dataset.get_batch(ids[step])["input_ids"], loader_batch_inputs(corpus, step))
 
 
-def test_stop_exits_2_before_the_update_naming_the_step_and_its_samples(capsys, corpus, clean_run, tmp_path):
+def test_stop_exits_2_before_the_update_naming_the_step_and_its_samples(capsys, monkeypatch, corpus, clean_run,
+                                                                        tmp_path):
     run_dir = tmp_path / "stop"
-    assert main(args(corpus, run_dir, "guard.nonfinite=stop", "guard.inject_nan_at_step=4")) == 2
+    monkeypatch.setenv("MPTLIKE_FAULTS", "nan_at_step=4")
+    assert main(args(corpus, run_dir, "guard.nonfinite=stop")) == 2
     err = capsys.readouterr().err
     lines = [line for line in err.strip().splitlines() if line.startswith("mptlike-train: error:")]
     assert len(lines) == 1 and "Traceback" not in err
@@ -93,9 +96,10 @@ def _checkpoint_tensors(path):
     return flat
 
 
-def test_skip_drops_the_update_and_moves_the_data_on(corpus, clean_run, tmp_path):
+def test_skip_drops_the_update_and_moves_the_data_on(monkeypatch, corpus, clean_run, tmp_path):
     run_dir = tmp_path / "skip"
-    assert main(args(corpus, run_dir, "guard.nonfinite=skip", "guard.max_skips=1", "guard.inject_nan_at_step=2",
+    monkeypatch.setenv("MPTLIKE_FAULTS", "nan_at_step=2")
+    assert main(args(corpus, run_dir, "guard.nonfinite=skip", "guard.max_skips=1",
                      "checkpoint.every_n_steps=1", "trainer.max_steps=3")) == 0
     got = losses(run_dir)
     assert got[1] == losses(clean_run)[1] and got[2] != got[2]  # step 2 logged its NaN
@@ -111,17 +115,18 @@ def test_skip_drops_the_update_and_moves_the_data_on(corpus, clean_run, tmp_path
     assert event["step"] == 2 and event["action"] == "skip" and event["samples"] == samples_by_step(clean_run)[2]
 
 
-def test_skip_stops_once_max_skips_events_were_handled(capsys, corpus, tmp_path):
+def test_skip_stops_once_max_skips_events_were_handled(capsys, monkeypatch, corpus, tmp_path):
     run_dir = tmp_path / "skip0"
-    assert main(args(corpus, run_dir, "guard.nonfinite=skip", "guard.max_skips=0", "guard.inject_nan_at_step=2")) == 2
+    monkeypatch.setenv("MPTLIKE_FAULTS", "nan_at_step=2")
+    assert main(args(corpus, run_dir, "guard.nonfinite=skip", "guard.max_skips=0")) == 2
     err = capsys.readouterr().err
     assert "step 2: non-finite loss" in err and "guard.max_skips=0" in err and "Traceback" not in err
 
 
-def test_rollback_reloads_the_last_checkpoint_and_passes_over_the_bad_batch(corpus, clean_run, tmp_path):
+def test_rollback_reloads_the_last_checkpoint_and_passes_over_the_bad_batch(monkeypatch, corpus, clean_run, tmp_path):
     run_dir = tmp_path / "rollback"
-    assert main(args(corpus, run_dir, "guard.nonfinite=rollback", "guard.max_skips=1",
-                     "guard.inject_nan_at_step=5")) == 0
+    monkeypatch.setenv("MPTLIKE_FAULTS", "nan_at_step=5")
+    assert main(args(corpus, run_dir, "guard.nonfinite=rollback", "guard.max_skips=1")) == 0
     clean_ids, got_ids = samples_by_step(clean_run), samples_by_step(run_dir)
     # Steps 1-4 (4 replayed from the step-3 checkpoint) are the clean run's, bit for bit.
     clean, got = losses(clean_run), losses(run_dir)
@@ -136,20 +141,20 @@ def test_rollback_reloads_the_last_checkpoint_and_passes_over_the_bad_batch(corp
     (event,) = events(run_dir)
     assert event["step"] == 5 and event["action"] == "rollback" and event["samples"] == clean_ids[5]
     state = json.loads((run_dir / "checkpoints" / "step-0000006" / "train_state.json").read_text())
-    assert state["skip_positions"] == [4 * G] and state["loader"]["samples_consumed"] == 7 * G
+    assert state["guard"]["skip_positions"] == [4 * G] and state["loader"]["samples_consumed"] == 7 * G
 
 
-def test_rollback_without_a_checkpoint_stops_with_exit_2(capsys, corpus, tmp_path):
+def test_rollback_without_a_checkpoint_stops_with_exit_2(capsys, monkeypatch, corpus, tmp_path):
     run_dir = tmp_path / "nockpt"
-    assert main(args(corpus, run_dir, "guard.nonfinite=rollback", "guard.inject_nan_at_step=2")) == 2
+    monkeypatch.setenv("MPTLIKE_FAULTS", "nan_at_step=2")
+    assert main(args(corpus, run_dir, "guard.nonfinite=rollback")) == 2
     err = capsys.readouterr().err
     assert "step 2: non-finite loss" in err and "no complete checkpoint to roll back to" in err
 
 
 @pytest.mark.parametrize("override, words", [
-    ("guard.nonfinite=retry", ["guard.nonfinite='retry'", "stop, skip, rollback"]),
+    ("guard.nonfinite=retry", ["guard.nonfinite=retry", "stop, skip, rollback"]),
     ("guard.max_skips=-1", ["guard.max_skips=-1"]),
-    ("guard.inject_nan_at_step=-3", ["guard.inject_nan_at_step=-3"]),
 ])
 def test_bad_guard_settings_exit_2_with_one_line(capsys, corpus, tmp_path, override, words):
     assert main(args(corpus, tmp_path / "run", override)) == 2

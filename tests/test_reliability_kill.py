@@ -65,10 +65,10 @@ def kill_tree(root):
             pass
 
 
-def kill_when(cmd_args, ready, timeout=240):
+def kill_when(cmd_args, ready, timeout=240, faults=""):
     """Start a 2-process run, SIGKILL torchrun and its workers once ready() holds; return the output."""
     assert os.path.isdir("/proc"), "needs Linux /proc to find torchrun's workers"
-    proc = subprocess.Popen(torchrun_cmd(cmd_args), env=torchrun_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen(torchrun_cmd(cmd_args), env=torchrun_env(faults), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + timeout
     try:
@@ -117,7 +117,7 @@ def test_kill_9_during_a_checkpoint_write_skips_the_partial_checkpoint(corpus, u
     run_dir = tmp_path / "killed-saving"
     partial = run_dir / "checkpoints" / "step-0000004.tmp"
     # Every rank has written its shards and rank 0 the train state; the COMPLETE marker is not written yet.
-    kill_when(args(corpus, run_dir, "checkpoint.test_delay_s=3"), lambda: (partial / "train_state.json").is_file())
+    kill_when(args(corpus, run_dir), lambda: (partial / "train_state.json").is_file(), faults="checkpoint_delay_s=3")
     assert not (partial / "COMPLETE").exists()
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["step-0000002", "step-0000004.tmp"]
     proc = torchrun(args(corpus, run_dir))
@@ -129,7 +129,7 @@ def test_kill_9_during_a_checkpoint_write_skips_the_partial_checkpoint(corpus, u
 @pytest.mark.slow
 def test_two_ranks_agree_on_a_rollback_and_pass_over_the_same_batch(corpus, uninterrupted, tmp_path):
     run_dir = tmp_path / "rollback"
-    torchrun(args(corpus, run_dir, "guard.nonfinite=rollback", "guard.max_skips=1", "guard.inject_nan_at_step=5"))
+    torchrun(args(corpus, run_dir, "guard.nonfinite=rollback", "guard.max_skips=1"), faults="nan_at_step=5")
     want, got = losses(uninterrupted), losses(run_dir)
     assert sorted(got) == list(range(1, STEPS + 1))
     # Step 5 ran once on the poisoned batch, rolled back to step 4, and was replayed on batch 6.

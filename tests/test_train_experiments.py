@@ -1,11 +1,15 @@
-"""MPT-7B / MPT-30B experiments: llm-foundry's published settings, sized for a cluster without allocating."""
+"""The config tree: the schema holds every default, conf/ only what an option changes; MPT-7B / MPT-30B
+experiments with llm-foundry's published settings, sized for a cluster without allocating."""
 
 import resource
+import shutil
 
 import pytest
+import yaml
+from omegaconf import OmegaConf
 
 from mptlike.train.cli import main
-from mptlike.train.config import compose_config, to_train_config
+from mptlike.train.config import TrainConfig, compose_config, conf_dir, config_to_dict, to_train_config
 
 
 def _mpt_params(d, n_layers, vocab, expansion=4):
@@ -78,3 +82,60 @@ def test_dry_run_refuses_a_cluster_size_that_does_not_divide_the_global_batch(ca
     _, err = capsys.readouterr()
     assert code == 2
     assert "trainer.global_batch_size=1024 is not divisible" in err and "192" in err
+
+
+def _leaves(tree, prefix=""):
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_without_an_experiment_the_composed_config_is_the_schema_defaults():
+    """Only the model preset (model=mpt-tiny) and the default corpus (data=stdlib) are chosen by files."""
+    composed = _leaves(config_to_dict(to_train_config(compose_config(["~experiment"]))))
+    schema = _leaves(config_to_dict(TrainConfig()))
+    chosen = {"data.path"} | {k for k in composed if k.startswith("model.")}
+    assert {k: v for k, v in composed.items() if k not in chosen} == {
+        k: v for k, v in schema.items() if k not in chosen
+    }
+    assert (composed["trainer.max_steps"], composed["trainer.global_batch_size"]) == (1000, 256)
+    assert (composed["optim.lr"], composed["optim.warmup_steps"]) == (6e-4, 100)
+
+
+def _settings(path):
+    """What a conf/ file sets, without its defaults list."""
+    return {k: v for k, v in (yaml.safe_load(path.read_text()) or {}).items() if k != "defaults"}
+
+
+def _option_files():
+    """Each conf/ file that sets keys, and the overrides that select it. model/ holds full presets
+    generated from mptlike.model.presets (one table), so it is left out."""
+    for path in sorted(conf_dir().rglob("*.yaml")):
+        rel = path.relative_to(conf_dir())
+        group = rel.parent.as_posix()
+        if group == "model" or not _settings(path):
+            continue
+        selects = {".": [], "experiment": [f"experiment={rel.stem}"]}.get(group, [f"{group}={rel.stem}", "~experiment"])
+        yield pytest.param(rel, selects, id=rel.as_posix())
+
+
+@pytest.mark.parametrize("rel, selects", list(_option_files()))
+def test_no_conf_file_sets_a_key_to_what_it_would_be_without_it(tmp_path, rel, selects):
+    """A key a file sets must change the composed config: otherwise it repeats the schema's default, the
+    option it builds on or a later file, and two places must be edited to change one value."""
+    text = (conf_dir() / rel).read_text()
+    header = [line for line in text.splitlines() if line.startswith("# @package")]
+    defaults = {k: v for k, v in yaml.safe_load(text).items() if k == "defaults"}
+    stripped = tmp_path / "conf"
+    shutil.copytree(conf_dir(), stripped)
+    (stripped / rel).write_text("\n".join(header) + "\n" + (yaml.safe_dump(defaults) if defaults else ""))
+    package = "" if header or rel.parent.as_posix() == "." else rel.parent.as_posix().replace("/", ".") + "."
+    keys = [package + k for k in _leaves(_settings(conf_dir() / rel))]
+    with_file = _leaves(OmegaConf.to_container(compose_config(selects), resolve=False))
+    without = _leaves(OmegaConf.to_container(compose_config(selects, stripped), resolve=False))
+    repeated = [f"{k}={with_file[k]}" for k in keys if with_file[k] == without[k]]
+    assert not repeated, f"conf/{rel} sets {', '.join(repeated)}, which it would be without the file"

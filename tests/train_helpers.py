@@ -72,11 +72,13 @@ def torchrun_cmd(args, nproc=2):
     ]
 
 
-def torchrun_env():
-    return {**os.environ, "OMP_NUM_THREADS": "1"}
+def torchrun_env(faults=""):
+    """The environment of a test run; `faults` goes to MPTLIKE_FAULTS (mptlike.train.faults)."""
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MPTLIKE_FAULTS": faults}
 
 
-def torchrun(args, nproc=2, timeout=300):
-    proc = subprocess.run(torchrun_cmd(args, nproc), capture_output=True, text=True, env=torchrun_env(), timeout=timeout)
+def torchrun(args, nproc=2, timeout=300, faults=""):
+    proc = subprocess.run(torchrun_cmd(args, nproc), capture_output=True, text=True, env=torchrun_env(faults),
+                          timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return proc

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from mptlike.errors import MptlikeError
+from mptlike.files import atomic_write
 
 MANIFEST_NAME = "manifest.json"
 FORMAT_VERSION = 1
@@ -143,24 +144,9 @@ class Manifest:
     def save(self, data_dir: str | os.PathLike) -> Path:
         """Write atomically: a reader sees the old manifest, no manifest, or the new one."""
         out = Path(data_dir) / MANIFEST_NAME
-        text = json.dumps(self.to_dict(), indent=2) + "\n"
-        atomic_write_bytes(out, text.encode("utf-8"))
+        atomic_write(out, json.dumps(self.to_dict(), indent=2) + "\n")
         self.path = out
         return out
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write to a hidden temporary in the same folder, then rename over `path`."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
 
 
 def check_compatible(

@@ -31,7 +31,7 @@ from mptlike.data.manifest import (
     dtype_for_vocab,
 )
 from mptlike.data.sampler import splitmix64
-from mptlike.data.shards import ShardWriter, remove_stale_tmp, tmp_path
+from mptlike.data.shards import ShardWriter, remove_stale_tmp
 from mptlike.data.tokenizer import (
     TOKENIZER_FILE,
     ByteTokenizer,
@@ -237,12 +237,9 @@ def prepare(
     remove_stale_tmp(out)
     splits = ["train"] + (["val"] if val_files or val_fraction > 0 else [])
     writers: dict[str, ShardWriter] = {}
-    tok_tmp = tmp_path(out / TOKENIZER_FILE)
     try:
         tok = _build_tokenizer(tokenizer, bpe_vocab, src)
         saved_tok = isinstance(tok, HFTokenizer)
-        if saved_tok:
-            tok.save(tok_tmp)
         dtype = dtype_for_vocab(tok.vocab_size)
         writers = {s: ShardWriter(out, s, dtype, shard_tokens) for s in splits}
         num_docs = _tokenize(tok, src, writers, progress)
@@ -262,11 +259,10 @@ def prepare(
             fingerprint=fingerprint,
             tokenizer_file=TOKENIZER_FILE if saved_tok else None,
         )
-        _commit(out, writers, tok_tmp if saved_tok else None, manifest)
+        _commit(out, writers, tok if saved_tok else None, manifest)
     except BaseException:
         for w in writers.values():
             w.abort()
-        tok_tmp.unlink(missing_ok=True)
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
@@ -326,14 +322,14 @@ def _tokenize(
 
 
 def _commit(
-    out: Path, writers: dict[str, ShardWriter], tok_tmp: Path | None, manifest: Manifest
+    out: Path, writers: dict[str, ShardWriter], tok: HFTokenizer | None, manifest: Manifest
 ) -> None:
     # The old manifest goes first: between here and the new one the folder reads as unprepared.
     (out / MANIFEST_NAME).unlink(missing_ok=True)
     for w in writers.values():
         w.commit()
-    if tok_tmp is not None:
-        os.replace(tok_tmp, out / TOKENIZER_FILE)
+    if tok is not None:
+        tok.save(out / TOKENIZER_FILE)  # atomic: a reader sees the old file or the new one
     else:
         (out / TOKENIZER_FILE).unlink(missing_ok=True)
     keep = {s.name for shards in manifest.shards.values() for s in shards}

@@ -21,6 +21,7 @@ from typing import Protocol
 import numpy as np
 
 from mptlike.errors import MptlikeError
+from mptlike.files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +82,7 @@ class HFTokenizer:
         return self.tok.decode(list(ids), skip_special_tokens=False)
 
     def save(self, path: Path) -> None:
-        from mptlike.data.manifest import atomic_write_bytes
-
-        atomic_write_bytes(path, self.tok.to_str().encode("utf-8"))
+        atomic_write(path, self.tok.to_str())
 
 
 def parse_bpe_spec(spec: str) -> int | None:

@@ -18,7 +18,6 @@ import logging
 import os
 import secrets
 import shutil
-import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -29,24 +28,21 @@ import torch
 
 from mptlike.errors import MptlikeError, short_error
 from mptlike.integrations import hf, hf_io
-from mptlike.model import MPTConfig, MPTForCausalLM
-from mptlike.model.mpt import CONFIG_NAME, MODEL_TYPE, WEIGHTS_NAME
-from mptlike.train.composer_runner import (
+from mptlike.integrations.composer.checkpoints import (
     is_composer_checkpoint,
     latest_checkpoint,
     read_composer_checkpoint,
     resolve_composer_checkpoint,
 )
+from mptlike.model import MPTConfig, MPTForCausalLM
+from mptlike.model.mpt import CONFIG_NAME, MODEL_TYPE, WEIGHTS_NAME
+from mptlike.parallel import unwrapped_name
+from mptlike.train.layout import CHECKPOINTS, CONFIG, FINAL
 
 log = logging.getLogger(__name__)
 
-RUN_CONFIG = "config.yaml"
-FINAL_DIR = "final"
-CHECKPOINTS_DIR = "checkpoints"
 DCP_METADATA = ".metadata"
 PRETRAINED, SHARDED, HUGGING_FACE, COMPOSER = "pretrained", "sharded", "hf", "composer"
-# Module wrappers that can leak into parameter names (torch.compile, activation checkpointing, FSDP1).
-_WRAPPER_SEGMENTS = {"_orig_mod", "_checkpoint_wrapped_module", "_fsdp_wrapped_module"}
 _ANCHOR = "transformer.wte.weight"
 _NOT_A_CHECKPOINT = (
     "pass a save_pretrained folder (config.json + model.safetensors), a training run folder "
@@ -122,19 +118,19 @@ def resolve_checkpoint(path: Path) -> Path:
     if (path / DCP_METADATA).is_file():
         _check_complete(path)
         return path
-    if (path / FINAL_DIR / CONFIG_NAME).is_file():
-        return path / FINAL_DIR
-    run_dir = path if (path / CHECKPOINTS_DIR).is_dir() else path.parent if path.name == CHECKPOINTS_DIR else None
+    if (path / FINAL / CONFIG_NAME).is_file():
+        return path / FINAL
+    run_dir = path if (path / CHECKPOINTS).is_dir() else path.parent if path.name == CHECKPOINTS else None
     if run_dir is not None:
         from mptlike.train.checkpoint import complete_checkpoints
 
         found = complete_checkpoints(run_dir)
-        composer_latest = latest_checkpoint(run_dir / CHECKPOINTS_DIR)
+        composer_latest = latest_checkpoint(run_dir / CHECKPOINTS)
         if not found and composer_latest is not None:
             return composer_latest
         if not found:
             raise MptlikeError(
-                f"{run_dir / CHECKPOINTS_DIR} holds no complete checkpoint: train longer or pick a folder"
+                f"{run_dir / CHECKPOINTS} holds no complete checkpoint: train longer or pick a folder"
             )
         return found[-1][1]
     raise MptlikeError(f"{path} holds no checkpoint: {_NOT_A_CHECKPOINT}")
@@ -144,7 +140,7 @@ def _check_complete(folder: Path) -> None:
     from mptlike.train.checkpoint import COMPLETE, is_complete
 
     unfinished = folder.name.endswith(".tmp") or (
-        folder.parent.name == CHECKPOINTS_DIR and not is_complete(folder)
+        folder.parent.name == CHECKPOINTS and not is_complete(folder)
     )
     if unfinished:
         raise MptlikeError(
@@ -154,13 +150,13 @@ def _check_complete(folder: Path) -> None:
 
 def _run_dir_of(folder: Path) -> Path | None:
     """The training run a checkpoint folder belongs to (run_dir/final or run_dir/checkpoints/step-N)."""
-    if folder.parent.name == CHECKPOINTS_DIR:
+    if folder.parent.name == CHECKPOINTS:
         candidate = folder.parent.parent
-    elif folder.name == FINAL_DIR:
+    elif folder.name == FINAL:
         candidate = folder.parent
     else:
         return None
-    return candidate if (candidate / RUN_CONFIG).is_file() else None
+    return candidate if (candidate / CONFIG).is_file() else None
 
 
 # ---- the three formats ------------------------------------------------------------------------
@@ -208,22 +204,22 @@ def _sharded_config(folder: Path, run_dir: Path | None) -> MPTConfig:
     if run_dir is None:
         raise MptlikeError(
             f"{folder} is a sharded checkpoint outside a training run, so its model config is unknown: pass "
-            f"the step folder inside run_dir/{CHECKPOINTS_DIR}/ (the run's {RUN_CONFIG} names the model)"
+            f"the step folder inside run_dir/{CHECKPOINTS}/ (the run's {CONFIG} names the model)"
         )
     values = read_run_config(run_dir)
     model = values.get("model") if values else None
     if not isinstance(model, dict):
-        raise MptlikeError(f"{run_dir / RUN_CONFIG} has no model section: it is not an mptlike run config")
+        raise MptlikeError(f"{run_dir / CONFIG} has no model section: it is not an mptlike run config")
     known = {f.name for f in fields(MPTConfig)}
     try:
         return MPTConfig.from_dict({k: v for k, v in model.items() if k in known})
     except MptlikeError as exc:
-        raise MptlikeError(f"{run_dir / RUN_CONFIG}: {exc}") from None
+        raise MptlikeError(f"{run_dir / CONFIG}: {exc}") from None
 
 
 def read_run_config(run_dir: Path) -> dict[str, Any] | None:
     """The resolved training config saved as run_dir/config.yaml, or None when there is none."""
-    path = run_dir / RUN_CONFIG
+    path = run_dir / CONFIG
     if not path.is_file():
         return None
     from omegaconf import OmegaConf
@@ -239,9 +235,6 @@ def read_run_config(run_dir: Path) -> dict[str, Any] | None:
     return values if isinstance(values, dict) else None
 
 
-def _clean_name(name: str) -> str:
-    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
-
 
 def read_dcp_model_state(folder: Path, config: MPTConfig) -> dict[str, torch.Tensor]:
     """Whole model tensors from a torch.distributed.checkpoint folder, read in this single process.
@@ -249,14 +242,13 @@ def read_dcp_model_state(folder: Path, config: MPTConfig) -> dict[str, torch.Ten
     The checkpoint may hold more than the model (optimizer state, under other prefixes); the model's
     prefix is the one under which every parameter of `config` is found, and only those are read.
     """
-    import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    from mptlike.train.checkpoint import read_dcp_metadata
+    from mptlike.train.checkpoint import read_dcp_entries, read_dcp_metadata
 
     metadata = read_dcp_metadata(folder)
     tensors = {
-        _clean_name(key): (key, meta)
+        unwrapped_name(key): (key, meta)
         for key, meta in metadata.state_dict_metadata.items()
         if isinstance(meta, TensorStorageMetadata)
     }
@@ -268,28 +260,16 @@ def read_dcp_model_state(folder: Path, config: MPTConfig) -> dict[str, torch.Ten
         missing = [name for name in expected if best + name not in tensors]
         raise MptlikeError(
             f"{folder} does not hold this model's weights ({len(missing)} of {len(expected)} tensors missing, e.g. "
-            f"{missing[0]}): the run's {RUN_CONFIG} and the checkpoint disagree"
+            f"{missing[0]}): the run's {CONFIG} and the checkpoint disagree"
         )
     wrong = [n for n, shape in expected.items() if tuple(tensors[chosen + n][1].size) != tuple(shape)]
     if wrong:
         got = tuple(tensors[chosen + wrong[0]][1].size)
         raise MptlikeError(
-            f"{folder} stores {wrong[0]} as {got} but the run's {RUN_CONFIG} implies {tuple(expected[wrong[0]])}: "
+            f"{folder} stores {wrong[0]} as {got} but the run's {CONFIG} implies {tuple(expected[wrong[0]])}: "
             "the checkpoint and config disagree"
         )
-    buffers = {}
-    for name in expected:
-        key, meta = tensors[chosen + name]
-        buffers[key] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-    try:
-        with warnings.catch_warnings():
-            # "no process group, assuming a single process" is exactly the intent here.
-            warnings.simplefilter("ignore")
-            dcp.load(buffers, storage_reader=dcp.FileSystemReader(str(folder)))
-    except Exception as exc:  # CheckpointException wraps per-file read errors
-        raise MptlikeError(
-            f"{folder} could not be read ({short_error(exc)}): the shards are damaged, pick another step"
-        ) from None
+    buffers = read_dcp_entries(folder, [tensors[chosen + name][0] for name in expected], metadata)
     return {name: buffers[tensors[chosen + name][0]] for name in expected}
 
 

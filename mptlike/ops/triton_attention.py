@@ -236,7 +236,7 @@ def _common_args(q: Tensor, k: Tensor, slopes: Tensor | None, sequence_id: Tenso
     )
 
 
-def _blocks(kernels: "_Kernels", block_m: int, block_n: int) -> tuple[dict[str, int], bool]:
+def _blocks(kernels: _Kernels, block_m: int, block_n: int) -> tuple[dict[str, int], bool]:
     """Launch-time block sizes; (``{}``, True) means the autotuner picks them."""
     if block_m or block_n:
         return dict(BLOCK_M=block_m or 16, BLOCK_N=block_n or 16), False
@@ -245,7 +245,7 @@ def _blocks(kernels: "_Kernels", block_m: int, block_n: int) -> tuple[dict[str, 
     return {}, True
 
 
-def _interpreter_safe(kernels: "_Kernels", *tensors: Tensor) -> tuple[Tensor, ...]:
+def _interpreter_safe(kernels: _Kernels, *tensors: Tensor) -> tuple[Tensor, ...]:
     # Triton's interpreter multiplies bf16 tiles as their raw uint16 bits; on CPU run them in fp32
     # (products of bf16 values are exact in fp32, so only the rounding of P before P @ V differs).
     if kernels.interpret and tensors[0].dtype == torch.bfloat16:
@@ -326,7 +326,8 @@ def _backward(grad_out, q, k, v, out, lse, softmax_scale, slopes, sequence_id, b
 
     splits = _kv_splits(group, k_len, batch, n_kv, q.device, kv_splits)
     if splits == 1:
-        dk, dv = torch.empty(k.shape, dtype=k.dtype, device=k.device), torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     else:
         # One fp32 slot per split, summed below; fp32 so the sum rounds once.
         shape = (batch, k_len, n_kv * splits, head_dim)
@@ -607,8 +608,10 @@ def _attn_bwd_dkdv_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     d_ok = offs_d < HEAD_DIM
     kv_mask = (cols[:, None] < k_len) & d_ok[None, :]
-    k = tl.load(K + b * stride_kb + kvh * stride_kh + cols[:, None] * stride_ks + offs_d[None, :], mask=kv_mask, other=0.0)
-    v = tl.load(V + b * stride_vb + kvh * stride_vh + cols[:, None] * stride_vs + offs_d[None, :], mask=kv_mask, other=0.0)
+    k = tl.load(K + b * stride_kb + kvh * stride_kh + cols[:, None] * stride_ks + offs_d[None, :],
+                mask=kv_mask, other=0.0)
+    v = tl.load(V + b * stride_vb + kvh * stride_vh + cols[:, None] * stride_vs + offs_d[None, :],
+                mask=kv_mask, other=0.0)
 
     # Query blocks before m_lo see none of these keys; from m_mid on they see all of them; rows from
     # m_tail on are the last, partial query block. m_end rounds q_len up to whole blocks.
@@ -716,7 +719,8 @@ def _attn_bwd_dq_kernel(
     row_ok = offs_m < q_len
     q_pos = off + offs_m
     q_mask = row_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :], mask=q_mask, other=0.0)
+    q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
+                mask=q_mask, other=0.0)
     do = tl.load(
         DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :], mask=q_mask, other=0.0
     )

@@ -10,6 +10,7 @@ from mptlike.parallel.parallelize import (
     is_sharded,
     model_blocks,
     parallelize,
+    unwrapped_name,
 )
 from mptlike.parallel.precision import DTYPES, PrecisionPlan, resolve_precision
 
@@ -28,4 +29,5 @@ __all__ = [
     "parallelize",
     "resolve_init_mode",
     "resolve_precision",
+    "unwrapped_name",
 ]

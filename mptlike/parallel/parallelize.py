@@ -70,7 +70,7 @@ def apply_compile(model: nn.Module) -> None:
 
 def apply_fsdp(
     model: nn.Module,
-    mesh: "torch.distributed.device_mesh.DeviceMesh",
+    mesh: torch.distributed.device_mesh.DeviceMesh,
     *,
     param_dtype: torch.dtype | None,
     reduce_dtype: torch.dtype | None,
@@ -120,7 +120,7 @@ def parallelize(
     model: nn.Module,
     plan: ParallelPlan,
     *,
-    mesh: "torch.distributed.device_mesh.DeviceMesh | None" = None,
+    mesh: torch.distributed.device_mesh.DeviceMesh | None = None,
     param_dtype: torch.dtype | None = None,
     reduce_dtype: torch.dtype | None = torch.float32,
 ) -> nn.Module:
@@ -142,6 +142,15 @@ def parallelize(
             reshard_after_forward=plan.reshard_after_forward,
         )
     return model
+
+
+# Path segments that module wrappers (activation checkpointing, torch.compile, FSDP1) add to names.
+_WRAPPER_SEGMENTS = {"_checkpoint_wrapped_module", "_orig_mod", "_fsdp_wrapped_module"}
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter name as the plain model has it, whatever wrappers stood in between when it was saved."""
+    return ".".join(part for part in name.split(".") if part not in _WRAPPER_SEGMENTS)
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -3,7 +3,8 @@
 Layout of run_dir/checkpoints/step-0000100/:
     .metadata, __R_0.distcp    model and optimizer state, one file per saving rank (DCP). DCP
                                reshards on load, so a checkpoint saved by N ranks loads on M.
-    train_state.json           step, data-loader position, world size (written by rank 0)
+    train_state.json           world size and the components' states: progress (step, tokens),
+                               data-loader position, guard (written by rank 0)
     rng/rank-0000R.pt          each rank's RNG states (tensors, lists and ints: loads with weights_only=True)
     COMPLETE                   written last, by rank 0, after every rank finished
 
@@ -31,9 +32,9 @@ import shutil
 import time
 import warnings
 from concurrent.futures import Future
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -41,25 +42,20 @@ import torch.distributed as dist
 from torch import nn
 
 from mptlike.errors import MptlikeError, short_error
+from mptlike.files import atomic_write, replace_dir
+from mptlike.train import faults
+from mptlike.train.layout import CHECKPOINTS
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 COMPLETE = "COMPLETE"
 TRAIN_STATE = "train_state.json"
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 
 
-@dataclass
-class TrainState:
-    """Everything besides tensors that a resumed run needs; the lr schedule is a function of `step`."""
-
-    step: int
-    loader: dict[str, Any] = field(default_factory=dict)
-    world_size: int = 1
-    tokens_seen: int = 0
-    nonfinite_events: int = 0  # guard events (skip/rollback) so far: guard.max_skips counts all of them
-    skip_positions: list[int] = field(default_factory=list)  # stream positions of batches rollback passes over
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 def checkpoints_dir(run_dir: str | os.PathLike) -> Path:
@@ -110,7 +106,9 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike, *, overwrite: bool) 
         return None
     path = Path(resume)
     if not path.is_dir():
-        raise MptlikeError(f"resume={resume} does not exist: give a checkpoint folder (run_dir/checkpoints/step-N), auto or never")
+        raise MptlikeError(
+            f"resume={resume} does not exist: give a checkpoint folder (run_dir/checkpoints/step-N), auto or never"
+        )
     if not is_complete(path):
         raise MptlikeError(
             f"resume={resume} is not a complete checkpoint (no {COMPLETE} or {TRAIN_STATE}): pick another step-N folder"
@@ -118,9 +116,23 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike, *, overwrite: bool) 
     return path
 
 
-def read_train_state(path: Path) -> TrainState:
-    values = json.loads((path / TRAIN_STATE).read_text())
-    return TrainState(**values)
+def read_train_state(path: Path) -> dict[str, Any]:
+    """train_state.json: {"world_size", then one entry per component: "progress", "loader", "guard"}.
+
+    Checkpoints written before the components had their own entries kept their fields flat; they
+    read as the current layout.
+    """
+    state = json.loads((path / TRAIN_STATE).read_text())
+    if "progress" not in state:
+        state["progress"] = {"step": state.pop("step"), "tokens_seen": state.pop("tokens_seen", 0)}
+    if "guard" not in state:
+        state["guard"] = {"events": state.pop("nonfinite_events", 0), "skip_positions": state.pop("skip_positions", [])}
+    return state
+
+
+def checkpoint_step(path: Path) -> int:
+    """The number of optimizer steps a checkpoint folder holds."""
+    return int(read_train_state(path)["progress"]["step"])
 
 
 def _distributed() -> bool:
@@ -142,12 +154,6 @@ def _barrier() -> None:
 
 def _rank() -> int:
     return dist.get_rank() if _distributed() else 0
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _rng_state() -> dict[str, Any]:
@@ -200,178 +206,199 @@ def _any_rank_failed(failed: bool) -> bool:
     return bool(flag.item())
 
 
-def _write_shards(
-    tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer, state: TrainState, *, async_group: Any = False
-) -> Future | None:
-    """Write this rank's shards, RNG state and (rank 0) the train state; the tensors in the
-    background when `async_group` is not False (a process group with a CPU backend, or None for the
-    default group). The RNG and train state are this step's, so they are written right away."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict
-
-    model_state, optim_state = get_state_dict(model, optimizer)
-    tensors = {"model": model_state, "optim": optim_state}
-    future = None
-    with _single_process_ok():
-        if async_group is False:
-            dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not _distributed())
-        else:
-            # Copies the tensors to CPU memory before returning, so training may change them at once.
-            future = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=async_group,
-                                    no_dist=not _distributed())
-    (tmp / "rng").mkdir(exist_ok=True)
-    torch.save(_rng_state(), tmp / "rng" / f"rank-{_rank():05d}.pt")
-    if _rank() == 0:
-        _atomic_write_text(tmp / TRAIN_STATE, json.dumps(asdict(state), indent=2) + "\n")
-    return future
-
-
 @dataclass
-class PendingCheckpoint:
-    """A checkpoint whose shards may still be being written; `finish_checkpoint` completes it."""
+class _Pending:
+    """A checkpoint whose shards are written (or being written in the background), not yet COMPLETE."""
 
-    run_dir: Path
+    step: int
     tmp: Path
     final: Path
-    state: TrainState
-    keep_last: int
-    test_delay_s: float
+    world_size: int
     future: Future | None = None
     error: BaseException | None = None
 
 
-def start_checkpoint(
-    run_dir: str | os.PathLike,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    state: TrainState,
-    *,
-    keep_last: int = 0,
-    test_delay_s: float = 0.0,
-    async_group: Any = False,
-) -> PendingCheckpoint:
-    """Collective: every rank calls it. Writes (or, with async_group, starts writing) the shards."""
-    root = checkpoints_dir(run_dir)
-    final = root / step_dir_name(state.step)
-    tmp = root / (final.name + ".tmp")
-    if _rank() == 0:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
-    _barrier()
-    pending = PendingCheckpoint(Path(run_dir), tmp, final, state, keep_last, test_delay_s)
-    try:
-        pending.future = _write_shards(tmp, model, optimizer, state, async_group=async_group)
-    except BaseException as exc:  # DCP raises CheckpointException, a BaseException
-        if not _disk_full(exc):
-            raise
-        pending.error = exc
-    return pending
+class Checkpointer:
+    """This run's checkpoints: when to save, saving (in the background with async_save), the newest
+    complete one, loading, and keeping the newest `keep_last`.
 
-
-def finish_checkpoint(pending: PendingCheckpoint) -> Path:
-    """Collective: wait for every rank's shards, then write COMPLETE and rename; returns the folder.
-
-    Raises MptlikeError on every rank when the disk filled up on any rank; the half-written .tmp
-    folder is removed and the older checkpoints are left as they were.
+    A checkpoint holds the model and optimizer (DCP), each rank's RNG, and in train_state.json the
+    `state_dict()` of every component handed to `save` (the loop's progress, the data loader, the
+    guard), so a checkpoint is the union of the components' states.
     """
-    rank = _rank()
-    error = pending.error
-    if pending.future is not None and error is None:
+
+    def __init__(self, run_dir: str | os.PathLike, *, every_n_steps: int = 0, keep_last: int = 0,
+                 async_save: bool = False) -> None:
+        self.run_dir = Path(run_dir)
+        self.every_n_steps = every_n_steps
+        self.keep_last = keep_last
+        self.last_saved_step = -1
+        self._pending: _Pending | None = None
+        self._async_group: Any = False  # False: synchronous saves; else the process group async saves use
+        if async_save:
+            # The background writer runs its own collectives (on CPU): a group of its own keeps them
+            # from interleaving with training's on the default group.
+            self._async_group = dist.new_group(backend="gloo") if _distributed() else None
+
+    def due(self, step: int) -> bool:
+        return bool(self.every_n_steps) and step % self.every_n_steps == 0
+
+    def newest(self) -> Path | None:
+        found = complete_checkpoints(self.run_dir)
+        return found[-1][1] if found else None
+
+    def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+             components: dict[str, Stateful]) -> None:
+        """Collective: every rank calls it. Synchronous saves are COMPLETE when it returns."""
+        self.wait()
+        root = checkpoints_dir(self.run_dir)
+        final = root / step_dir_name(step)
+        tmp = root / (final.name + ".tmp")
+        if _rank() == 0:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir(parents=True)
+        _barrier()
+        world = dist.get_world_size() if _distributed() else 1
+        pending = _Pending(step, tmp, final, world)
+        state = {"world_size": world, **{name: c.state_dict() for name, c in components.items()}}
         try:
-            pending.future.result()
-        except BaseException as exc:
+            pending.future = self._write(tmp, model, optimizer, state)
+        except BaseException as exc:  # DCP raises CheckpointException, a BaseException
             if not _disk_full(exc):
                 raise
-            error = exc
-    tmp, final = pending.tmp, pending.final
-    # Every rank learns whether any rank ran out of space, so none waits forever at the barrier.
-    if _any_rank_failed(error is not None):
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
+            pending.error = exc
+        self._pending = pending
+        self.last_saved_step = step
+        if self._async_group is False:
+            self.wait()
+
+    def _write(self, tmp: Path, model: nn.Module, optimizer: torch.optim.Optimizer,
+               state: dict[str, Any]) -> Future | None:
+        """This rank's shards and RNG, and (rank 0) the train state; the tensors in the background
+        with async_save. The RNG and train state are this step's, so they are written right away."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        model_state, optim_state = get_state_dict(model, optimizer)
+        tensors = {"model": model_state, "optim": optim_state}
+        future = None
+        with _single_process_ok():
+            if self._async_group is False:
+                dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not _distributed())
+            else:
+                # Copies the tensors to CPU memory before returning, so training may change them at once.
+                future = dcp.async_save(tensors, checkpoint_id=str(tmp), process_group=self._async_group,
+                                        no_dist=not _distributed())
+        (tmp / "rng").mkdir(exist_ok=True)
+        torch.save(_rng_state(), tmp / "rng" / f"rank-{_rank():05d}.pt")
+        if _rank() == 0:
+            atomic_write(tmp / TRAIN_STATE, json.dumps(state, indent=2) + "\n")
+        return future
+
+    def wait(self) -> Path | None:
+        """Collective: finish the pending save (every rank's shards written, then COMPLETE, rename, prune).
+
+        Raises MptlikeError on every rank when the disk filled up on any rank; the half-written
+        .tmp folder is removed and the older checkpoints are left as they were.
+        """
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        error = pending.error
+        if pending.future is not None and error is None:
+            try:
+                pending.future.result()
+            except BaseException as exc:
+                if not _disk_full(exc):
+                    raise
+                error = exc
+        # Every rank learns whether any rank ran out of space, so none waits forever at the barrier.
+        if _any_rank_failed(error is not None):
+            if _rank() == 0:
+                shutil.rmtree(pending.tmp, ignore_errors=True)
+            _barrier()
+            raise MptlikeError(
+                f"disk full while writing checkpoint {pending.final}: free space or lower checkpoint.keep_last "
+                f"(the previous checkpoints are intact; resume=auto continues from the newest)"
+            ) from None
+        delay = faults.active().checkpoint_delay_s
+        if delay > 0:
+            time.sleep(delay)
         _barrier()
-        raise MptlikeError(
-            f"disk full while writing checkpoint {final}: free space or lower checkpoint.keep_last "
-            f"(the previous checkpoints are intact; resume=auto continues from the newest)"
-        ) from None
-    if pending.test_delay_s > 0:
-        time.sleep(pending.test_delay_s)
-    _barrier()
-    if rank == 0:
-        state = pending.state
-        marker = {"step": state.step, "world_size": state.world_size, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
-        _atomic_write_text(tmp / COMPLETE, json.dumps(marker) + "\n")
-        if final.exists():
-            # Only when a run resumed from an older step reaches a step it had saved before.
-            stale = final.with_name(final.name + ".old")
-            shutil.rmtree(stale, ignore_errors=True)
-            os.replace(final, stale)
-            shutil.rmtree(stale)
-        os.replace(tmp, final)
-        _prune(pending.run_dir, pending.keep_last)
-    _barrier()
-    return final
+        if _rank() == 0:
+            marker = {"step": pending.step, "world_size": pending.world_size,
+                      "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+            atomic_write(pending.tmp / COMPLETE, json.dumps(marker) + "\n")
+            # The final name exists already only when a run resumed from an older step reaches a step it saved before.
+            replace_dir(pending.tmp, pending.final)
+            self._prune()
+        _barrier()
+        log.info("step %d: checkpoint %s", pending.step, pending.final)
+        return pending.final
 
-
-def save_checkpoint(
-    run_dir: str | os.PathLike,
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    state: TrainState,
-    *,
-    keep_last: int = 0,
-    test_delay_s: float = 0.0,
-) -> Path:
-    """Collective: every rank calls it. Returns the final folder (see finish_checkpoint for errors)."""
-    return finish_checkpoint(start_checkpoint(run_dir, model, optimizer, state, keep_last=keep_last,
-                                              test_delay_s=test_delay_s))
-
-
-def _prune(run_dir: str | os.PathLike, keep_last: int) -> None:
-    if keep_last <= 0:
-        return
-    for _, path in complete_checkpoints(run_dir)[:-keep_last]:
-        shutil.rmtree(path, ignore_errors=True)
-
-
-def remove_stale_tmp(run_dir: str | os.PathLike) -> None:
-    """Delete .tmp folders left by a crash (rank 0, before training starts)."""
-    root = checkpoints_dir(run_dir)
-    if root.is_dir():
-        for path in root.glob("step-*.tmp"):
-            log.info("removing unfinished checkpoint %s", path)
+    def _prune(self) -> None:
+        if self.keep_last <= 0:
+            return
+        for _, path in complete_checkpoints(self.run_dir)[:-self.keep_last]:
             shutil.rmtree(path, ignore_errors=True)
 
+    def remove_stale_tmp(self) -> None:
+        """Delete .tmp folders left by a crash (rank 0, before training starts)."""
+        root = checkpoints_dir(self.run_dir)
+        if root.is_dir():
+            for path in root.glob("step-*.tmp"):
+                log.info("removing unfinished checkpoint %s", path)
+                shutil.rmtree(path, ignore_errors=True)
 
-def load_checkpoint(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> TrainState:
-    """Collective: load model (and optimizer) shards, RNG and train state saved at any world size."""
+    def load(self, path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None,
+             components: dict[str, Stateful]) -> dict[str, Any]:
+        """Collective: model (and optimizer) shards, RNG and the components' states saved at any world size.
+
+        Returns the whole train state (step, world_size, every component's entry).
+        """
+        self.wait()
+        load_model_and_optimizer(path, model, optimizer)
+        state = read_train_state(path)
+        for name, component in components.items():
+            component.load_state_dict(state[name])
+        self.last_saved_step = state["progress"]["step"]
+        _load_rng(path, state["world_size"])
+        return state
+
+
+def load_model_and_optimizer(path: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None) -> None:
+    """Collective: the tensors of a checkpoint into a (possibly sharded) model and its optimizer."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_model_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_state_dict,
+        set_model_state_dict,
+        set_state_dict,
+    )
 
-    if optimizer is None:
-        from torch.distributed.checkpoint.state_dict import get_model_state_dict
-
-        model_state = get_model_state_dict(model)
-        with _single_process_ok():
+    with _single_process_ok():
+        if optimizer is None:
+            model_state = get_model_state_dict(model)
             dcp.load({"model": model_state}, checkpoint_id=str(path), no_dist=not _distributed())
-        set_model_state_dict(model, model_state)
-    else:
+            set_model_state_dict(model, model_state)
+            return
         model_state, optim_state = get_state_dict(model, optimizer)
-        with _single_process_ok():
-            dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(path), no_dist=not _distributed())
-        set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
-    state = read_train_state(path)
+        dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(path), no_dist=not _distributed())
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
+
+
+def _load_rng(path: Path, saved_world_size: int) -> None:
     rng_file = path / "rng" / f"rank-{_rank():05d}.pt"
-    if rng_file.is_file():
-        try:
-            _set_rng_state(torch.load(rng_file, weights_only=True))
-        except (pickle.UnpicklingError, RuntimeError, ValueError):
-            # Checkpoints from before the pickle-free format: never unpickle, reseed instead.
-            log.warning("%s is not in the weights-only RNG format; keeping the seeded RNG", rng_file)
-    else:
+    if not rng_file.is_file():
         log.warning("%s has no RNG state for rank %d (saved at world size %d); keeping the seeded RNG",
-                    path, _rank(), state.world_size)
-    return state
+                    path, _rank(), saved_world_size)
+        return
+    try:
+        _set_rng_state(torch.load(rng_file, weights_only=True))
+    except (pickle.UnpicklingError, RuntimeError, ValueError):
+        # Checkpoints from before the pickle-free format: never unpickle, reseed instead.
+        log.warning("%s is not in the weights-only RNG format; keeping the seeded RNG", rng_file)
 
 
 def load_pretrained_weights(model: nn.Module, folder: Path) -> None:
@@ -401,3 +428,28 @@ def read_dcp_metadata(folder: Path):
         raise MptlikeError(
             f"{folder / '.metadata'} could not be read ({short_error(exc)}): pick another checkpoint"
         ) from None
+
+
+def read_dcp_entries(folder: Path, keys: list[str], metadata=None) -> dict[str, Any]:
+    """Whole values of `keys` from a torch.distributed.checkpoint folder, read in this one process.
+
+    Tensors come back whole on CPU whatever sharding wrote them; other entries (bytes, strings) as
+    saved. The one reader that `mptlike-convert` and the Composer checkpoint reader share.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    metadata = metadata if metadata is not None else read_dcp_metadata(folder)
+    entries: dict[str, Any] = {}
+    for key in keys:
+        meta = metadata.state_dict_metadata[key]
+        is_tensor = isinstance(meta, TensorStorageMetadata)
+        entries[key] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype) if is_tensor else None
+    try:
+        with _single_process_ok():
+            dcp.load(entries, storage_reader=dcp.FileSystemReader(str(folder)), no_dist=True)
+    except Exception as exc:  # CheckpointException wraps per-file read errors
+        raise MptlikeError(
+            f"{folder} could not be read ({short_error(exc)}): the shards are damaged, pick another step"
+        ) from None
+    return entries

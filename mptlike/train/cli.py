@@ -12,7 +12,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 
-from mptlike.errors import EXIT_USAGE, MptlikeError
+from mptlike.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, MptlikeError
 
 PROG = "mptlike-train"
 USAGE = f"""usage: {PROG} [--help] [--cfg] [--dry-run] [GROUP=OPTION ...] [KEY=VALUE ...]
@@ -57,6 +57,7 @@ def _setup_logging(rank: int) -> None:
     warnings.filterwarnings("ignore", message=".*DTensor random operators may not have complete support.*")
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
+    warnings.filterwarnings("ignore", message=".*`torch.distributed.reduce_scatter_tensor` is deprecated.*")
 
 
 def _env_rank() -> int:
@@ -163,15 +164,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         if cfg.dry_run:
             print(dry_run_report(plan))
             return 0
-        from mptlike.train.runner import run
+        from mptlike.train.run import run
 
         result = run(plan)
     except MptlikeError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted; `resume=auto` continues from the last checkpoint", file=sys.stderr)
-        return 130
+        # Ctrl-C before the loop took over the signals (setup, data preparation): no step was trained.
+        print(f"{PROG}: interrupted before training started; nothing was trained", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if result.preempted_by is not None:
+        if result.is_rank_zero:
+            print(f"{PROG}: preempted at step {result.final_step} ({result.preempted_by}): checkpoint written to "
+                  f"{result.checkpoint}; run again with resume=auto", file=sys.stderr)
+        return EXIT_PREEMPTED
     if result.is_rank_zero:
         print(_summary(result, plan))
     return 0

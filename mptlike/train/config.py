@@ -2,12 +2,14 @@
 
 `compose_config(overrides)` uses Hydra's compose API instead of `@hydra.main`: nothing is written,
 no output folder or logging is set up, and every error surfaces as one exception that the command
-line turns into one line. The schema below is registered as the base of `conf/config.yaml`, so an
-unknown key or a value of the wrong type fails during composition with the key named.
+line turns into one line. The schema below is registered as the base of `conf/config.yaml`: it holds
+every key's default, and an unknown key, a value of the wrong type or a choice outside its Enum fails
+during composition with the key named. The files under conf/ state only what a group option changes.
 """
 
 from __future__ import annotations
 
+import enum
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,15 +19,54 @@ from omegaconf import MISSING
 
 from mptlike.errors import MptlikeError
 from mptlike.model import MPTConfig
+from mptlike.parallel.materialize import INIT_MODES
+from mptlike.parallel.parallelize import AC_MODES
+from mptlike.parallel.precision import DTYPES
+from mptlike.train.optim import IMPLS, OPTIMIZERS
+from mptlike.train.schedule import SCHEDULES
 
 SCHEMA_NAME = "mptlike_schema"
+
+
+class Choice(str, enum.Enum):
+    """A key with a fixed set of values: OmegaConf rejects any other while composing.
+
+    Each member's name is its value, so a member equals, hashes like and prints as the string a user
+    types (`cfg.trainer.backend == "composer"`, f"{cfg.optim.name}") and code downstream can treat
+    it as that string.
+    """
+
+    __str__ = str.__str__
+    __format__ = str.__format__
+
+
+def choices(name: str, values: tuple[str, ...]) -> type[Choice]:
+    # The functional form because some values are not identifiers ("for").
+    return Choice(name, [(v, v) for v in values], module=__name__, qualname=name)
+
+
+# The lists that inner code also checks against stay in that code; the schema builds on them.
+Backend = choices("Backend", ("lightning", "composer"))
+Accelerator = choices("Accelerator", ("auto", "cpu", "gpu"))
+Precision = choices("Precision", ("auto", *DTYPES))
+ParamDtype = choices("ParamDtype", ("auto", *DTYPES))
+ReduceDtype = choices("ReduceDtype", tuple(DTYPES))
+ActivationCheckpointing = choices("ActivationCheckpointing", AC_MODES)
+InitMode = choices("InitMode", INIT_MODES)
+OptimName = choices("OptimName", OPTIMIZERS)
+LrSchedule = choices("LrSchedule", SCHEDULES)
+OptimImpl = choices("OptimImpl", IMPLS)
+LoggerName = choices("LoggerName", ("csv", "wandb", "none"))
+WandbMode = choices("WandbMode", ("offline", "online", "disabled"))
+NonfinitePolicy = choices("NonfinitePolicy", ("stop", "skip", "rollback"))
 
 
 @dataclass
 class DataConfig:
     # A folder written by `mptlike-prep`. null means the default corpus (Python's standard library
     # docs and sources, BPE-tokenized) under $MPTLIKE_DATA (default ./data), prepared when missing.
-    # The schema leaves it unset so that `data=folder` without `data.path=DIR` is an error.
+    # The schema leaves it unset (data=stdlib sets null) so that `data=folder` without
+    # `data.path=DIR` is an error: OmegaConf only refuses a missing value that the schema declares.
     path: Optional[str] = MISSING
     vocab_size: int = 8192  # BPE size of the default corpus; ignored for a user folder
     num_workers: int = 0
@@ -34,49 +75,51 @@ class DataConfig:
 
 @dataclass
 class TrainerConfig:
-    backend: str = "lightning"  # lightning | composer (mptlike.train.composer_runner, needs MosaicML Composer)
-    accelerator: str = "auto"  # auto | cpu | gpu
+    backend: Backend = Backend("lightning")  # composer: mptlike.integrations.composer, needs MosaicML Composer
+    accelerator: Accelerator = Accelerator("auto")
     devices: int = 1  # processes per node; torchrun's LOCAL_WORLD_SIZE wins when launched by it
     num_nodes: int = 1
-    precision: str = "auto"  # auto (bf16 on a bf16 GPU, else fp32) | fp32 | bf16
-    max_steps: int = 300
-    global_batch_size: int = 32  # sequences per optimizer step, summed over all ranks
+    precision: Precision = Precision("auto")  # auto: bf16 on a bf16 GPU, else fp32
+    max_steps: int = 1000
+    global_batch_size: int = 256  # sequences per optimizer step, summed over all ranks
     micro_batch_size: int = 8  # sequences per forward/backward on one rank
     log_every_n_steps: int = 10
-    peak_flops: float = 0.0  # per-device peak FLOP/s for MFU; 0 = detect from the GPU name
+    # Per-device peak FLOP/s for MFU; 0 = detect from the GPU name (H100/H200 989e12, A100 312e12).
+    peak_flops: float = 0.0
     progress_bar: bool = True
-    max_nonfinite_steps: int = 10  # composer backend: consecutive NaN/inf steps before giving up (lightning: guard.*)
 
 
 @dataclass
 class ParallelConfig:
-    activation_checkpointing: str = "none"  # none | full | every_k
+    # Recompute activations in backward: full = every block, every_k = every ac_every-th block.
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing("none")
     ac_every: int = 2  # with every_k: checkpoint blocks 0, k, 2k, ...
     compile: bool = False  # torch.compile each block
     reshard_after_forward: bool = True  # full sharding (ZeRO-3); false keeps params gathered until backward
-    param_dtype: str = "auto"  # FSDP2 compute dtype: auto follows trainer.precision | fp32 | bf16
-    reduce_dtype: str = "fp32"  # gradient reduce-scatter dtype
-    init: str = "auto"  # auto | sharded | rank0 (see mptlike.parallel.materialize)
+    param_dtype: ParamDtype = ParamDtype("auto")  # FSDP2 compute dtype; auto follows trainer.precision
+    reduce_dtype: ReduceDtype = ReduceDtype("fp32")  # gradient reduce-scatter dtype
+    init: InitMode = InitMode("auto")  # how weights leave the meta device: see mptlike.parallel.materialize
 
 
 @dataclass
 class OptimConfig:
-    name: str = "decoupled_adamw"  # decoupled_adamw | decoupled_lionw
-    lr: float = 1e-3
+    # Adam with weight decay decoupled from the learning rate (llm-foundry's decoupled_adamw).
+    name: OptimName = OptimName("decoupled_adamw")
+    lr: float = 6.0e-4
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.0  # decoupled: weights shrink by weight_decay * lr / optim.lr per step
-    schedule: str = "cosine"  # cosine | linear | constant (after warmup)
-    warmup_steps: int = 0
+    schedule: LrSchedule = LrSchedule("cosine")  # after warmup
+    warmup_steps: int = 100
     alpha_f: float = 0.1  # final lr as a fraction of optim.lr
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
-    impl: str = "auto"  # auto | fused | foreach | for
+    impl: OptimImpl = OptimImpl("auto")  # auto: fused on GPU, foreach elsewhere
 
 
 @dataclass
 class LoggerConfig:
-    name: str = "csv"  # csv | wandb | none
-    mode: str = "offline"  # wandb: offline | online | disabled
+    name: LoggerName = LoggerName("csv")
+    mode: WandbMode = WandbMode("offline")  # for wandb
     project: str = "mptlike"
     entity: Optional[str] = None
     group: Optional[str] = None
@@ -96,9 +139,6 @@ class CheckpointConfig:
     # Write the tensors from a background thread (torch.distributed.checkpoint.async_save) while
     # training continues; costs one extra CPU copy of the model and optimizer state per rank.
     async_save: bool = False
-    # Testing aid: seconds to sleep after every rank wrote its shards and before the COMPLETE
-    # marker, so a test can kill the job in the middle of a checkpoint. Keep 0 in real runs.
-    test_delay_s: float = 0.0
 
 
 @dataclass
@@ -107,11 +147,8 @@ class GuardConfig:
     # so the weights stay finite): stop (exit 2 naming the step and its samples) | skip (drop the
     # update, the data moves on) | rollback (reload the newest complete checkpoint and pass over
     # the offending global batch).
-    nonfinite: str = "skip"
+    nonfinite: NonfinitePolicy = NonfinitePolicy("skip")
     max_skips: int = 10  # skip/rollback events allowed in a run; one more stops it
-    # Testing aid: make the loss NaN on the global batch that step N reads in an uninterrupted
-    # run (a poisoned batch: after a rollback passes over it, it does not recur). 0 = off.
-    inject_nan_at_step: int = 0
 
 
 @dataclass
@@ -138,10 +175,10 @@ class SampleConfig:
 
 @dataclass
 class TrainConfig:
-    name: str = "quickstart"
+    name: str = "quickstart"  # the experiment's name: the W&B run name and the default run_dir
     run_dir: str = "runs/${name}"
     seed: int = 17
-    resume: str = "auto"  # auto | never | a checkpoint folder
+    resume: str = "auto"  # auto: the newest complete checkpoint in run_dir | never | a checkpoint folder
     # Start a fresh run from these weights: a save_pretrained folder (run_dir/final, or the output of
     # `mptlike-convert from-hf`). Ignored when resuming from a checkpoint, which has its own weights.
     init_from: Optional[str] = None
@@ -170,13 +207,14 @@ def _register_schema() -> None:
     ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
 
 
-def compose_config(overrides: list[str]) -> Any:
-    """The composed (not yet validated) DictConfig; raises MptlikeError for any composition error."""
+def compose_config(overrides: list[str], folder: Path | None = None) -> Any:
+    """The composed (not yet validated) DictConfig of conf/ (or another folder of the same layout);
+    raises MptlikeError for any composition error."""
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException
 
-    folder = conf_dir()
+    folder = folder or conf_dir()
     if not (folder / "config.yaml").is_file():
         raise MptlikeError(f"{folder / 'config.yaml'} is missing: run from a full checkout of mptlike")
     _register_schema()
@@ -201,14 +239,29 @@ def to_train_config(cfg: Any) -> TrainConfig:
 
 
 def config_to_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """Plain data (choices as their strings) for run_dir/config.yaml, W&B and `--cfg`."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True, enum_to_str=True)
 
 
 def describe_config_error(exc: BaseException) -> str:
     """One line from Hydra's and OmegaConf's multi-line messages, naming the key and the fix."""
+    from omegaconf.errors import MissingMandatoryValue
+
     text = str(exc)
+    if isinstance(exc, MissingMandatoryValue) and exc.full_key:
+        return f"{exc.full_key} has no default: give it on the command line as {exc.full_key}=VALUE"
+    # A Choice key given another value, on the command line or in a conf/ file ("In 'optim/sgd': ...").
+    both = f"{text}\n{exc.__cause__ or ''}"
+    key = re.search(r"full_key: (\S+)", both)
+    choice = re.search(r"Invalid value '(.*)', expected one of \[(.*)\]", both)
+    typed = re.search(r"Value (.*) \(\w+\) is not a valid input for <enum '(\w+)'>", both)  # 1.5, true
+    if key and (choice or (typed and isinstance(globals().get(typed.group(2)), enum.EnumMeta))):
+        value, names = choice.groups() if choice else (typed.group(1), ", ".join(globals()[typed.group(2)]))
+        in_file = re.match(r"In '([^']+)'", text)
+        where = f" (set in conf/{in_file.group(1)}.yaml)" if in_file else ""
+        return f"{key.group(1)}={value} is unknown{where}: choose one of {names}"
     unknown = re.match(r"Could not override '([^']+)'", text)
     if unknown:
         return f"unknown config key '{unknown.group(1)}': check its spelling (`mptlike-train --help` lists the keys)"

@@ -7,7 +7,6 @@ any GPU; the other ranks just take part in the gather.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -15,12 +14,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mptlike.files import replace_dir
 from mptlike.model import MPTForCausalLM
+from mptlike.train.layout import FINAL
 from mptlike.train.plan import RunPlan
 
 log = logging.getLogger(__name__)
 
-FINAL_DIR = "final"
 
 
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -42,17 +42,10 @@ def consolidated_model(state: dict[str, torch.Tensor], plan: RunPlan) -> MPTForC
 
 def save_final(model: MPTForCausalLM, run_dir: Path) -> Path:
     """run_dir/final appears whole: written as final.tmp, then swapped in."""
-    final = run_dir / FINAL_DIR
-    tmp = run_dir / (FINAL_DIR + ".tmp")
+    tmp = run_dir / (FINAL + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    if final.exists():
-        old = run_dir / (FINAL_DIR + ".old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-        shutil.rmtree(old)
-    os.replace(tmp, final)
-    return final
+    return replace_dir(tmp, run_dir / FINAL)
 
 
 def sample_text(model: MPTForCausalLM, plan: RunPlan) -> str:

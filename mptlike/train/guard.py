@@ -1,33 +1,39 @@
-"""Numerics guard: what a step with a NaN/inf loss or gradient norm does, and the record it leaves.
+"""NonFiniteGuard: what a step with a NaN/inf loss or gradient norm does, and the record it leaves.
 
 The check is free: the step already turns the (globally reduced) loss and the global gradient
 norm into Python floats for logging, so every rank sees the same two numbers and takes the same
 decision without another collective. It runs before the optimizer step, so the weights are
-still finite whatever the policy:
+still finite whatever the policy (`guard.nonfinite`):
 
 - stop: raise `NonFiniteError` (the command line prints one line and exits 2) naming the step
-  and the global sample indices of its batch; nothing is checkpointed.
-- skip: drop the update (gradients zeroed, no optimizer step). The step still counts: the step
-  number, the lr schedule (a function of the step) and the data position move on together.
+  and the global sample indices of its batch.
+- skip: drop the update (no optimizer step). The step still counts: the step number, the lr
+  schedule (a function of the step) and the data position move on together.
 - rollback: reload the newest complete checkpoint and pass over the offending global batch when
   the replay reaches it; the steps in between are trained again on the same data.
 
-skip and rollback are allowed `guard.max_skips` times in a run (the count is checkpointed); the
-next event stops. Every event is a warning line and a row of run_dir/guard_events.jsonl.
+skip and rollback are allowed `guard.max_skips` times in a run (the count is checkpointed with
+the positions to pass over); the next event stops. Every event is a warning line and a row of
+run_dir/guard_events.jsonl.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import math
 import os
+from collections.abc import Callable
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
 from mptlike.errors import MptlikeError
+from mptlike.files import atomic_write
+from mptlike.train.layout import GUARD_EVENTS
 
-POLICIES = ("stop", "skip", "rollback")
-GUARD_EVENTS = "guard_events.jsonl"
-SAMPLES_LOG = "samples.jsonl"
+log = logging.getLogger(__name__)
+
 _SHOWN_IDS = 16  # sample indices spelled out in the one-line error; the events file has them all
 
 
@@ -35,13 +41,10 @@ class NonFiniteError(MptlikeError):
     """Training stopped on a NaN/inf loss or gradient norm."""
 
 
-def check_guard_config(nonfinite: str, max_skips: int, inject_nan_at_step: int) -> None:
-    if nonfinite not in POLICIES:
-        raise MptlikeError(f"guard.nonfinite={nonfinite!r} is unknown: choose one of {', '.join(POLICIES)}")
-    if max_skips < 0:
-        raise MptlikeError(f"guard.max_skips={max_skips} is invalid: use a non-negative integer")
-    if inject_nan_at_step < 0:
-        raise MptlikeError(f"guard.inject_nan_at_step={inject_nan_at_step} is invalid: use 0 (off) or a step number")
+class Action(str, Enum):
+    STEP = "step"
+    SKIP = "skip"
+    ROLLBACK = "rollback"
 
 
 def batch_sample_ids(position: int, global_batch_size: int, num_samples: int, seed: int) -> list[int]:
@@ -66,6 +69,57 @@ def stop_message(step: int, loss: float, grad_norm: float, ids: list[int], reaso
     )
 
 
+class NonFiniteGuard:
+    """Decides stop | skip | rollback for a non-finite step; its state travels in every checkpoint."""
+
+    def __init__(self, policy: str, max_skips: int, run_dir: Path | None) -> None:
+        self.policy = str(getattr(policy, "value", policy))
+        self.max_skips = max_skips
+        self.events_file = run_dir / GUARD_EVENTS if run_dir is not None else None  # None: not rank 0
+        self.events = 0  # skip/rollback events so far
+        self.skip_positions: set[int] = set()  # stream positions of global batches a rollback passes over
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"events": self.events, "skip_positions": sorted(self.skip_positions)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.events = int(state.get("events", 0))
+        self.skip_positions = {int(p) for p in state.get("skip_positions", [])}
+
+    def check(self, *, step: int, loss: float, grad_norm: float, position: int,
+              ids_of: Callable[[int], list[int]]) -> Action:
+        """The action for optimizer step `step` (1-based); raises NonFiniteError for stop.
+
+        `ids_of(position)` gives the batch's sample ids; it runs only for a non-finite step.
+        """
+        if math.isfinite(loss) and math.isfinite(grad_norm):
+            return Action.STEP
+        ids = ids_of(position)
+        policy = self.policy
+        if policy != "stop" and self.events >= self.max_skips:
+            reason = f"guard.max_skips={self.max_skips} events already handled by guard.nonfinite={policy}"
+            policy = "stop"
+        else:
+            reason = "guard.nonfinite=stop"
+        if self.events_file is not None:
+            append_jsonl(self.events_file, {"step": step, "loss": repr(loss), "grad_norm": repr(grad_norm),
+                                            "action": policy, "stream_position": position, "samples": ids})
+        if policy == "stop":
+            raise NonFiniteError(stop_message(step, loss, grad_norm, ids, reason))
+        self.events += 1
+        if policy == "rollback":
+            self.skip_positions.add(position)
+        log.warning("step %d: non-finite loss %s or gradient norm %s on samples %s: %s (event %d of at most %d)",
+                    step, loss, grad_norm, describe_ids(ids),
+                    "update skipped" if policy == "skip" else "rolling back to the last checkpoint",
+                    self.events, self.max_skips)
+        return Action(policy)
+
+    def no_checkpoint_to_roll_back_to(self, step: int, ids: list[int]) -> NonFiniteError:
+        reason = "guard.nonfinite=rollback found no complete checkpoint to roll back to"
+        return NonFiniteError(stop_message(step, float("nan"), float("nan"), ids, reason))
+
+
 def append_jsonl(path: Path, record: dict[str, Any]) -> None:
     """One line per record, flushed and fsynced, so a killed job keeps every completed row."""
     with open(path, "a") as f:
@@ -86,6 +140,4 @@ def truncate_jsonl(path: Path, last_step: int) -> None:
             continue
         if row.get("step", 0) <= last_step:
             kept.append(line)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(line + "\n" for line in kept))

@@ -18,19 +18,13 @@ import torch
 from mptlike.errors import MptlikeError
 from mptlike.model import MPTConfig
 from mptlike.parallel import ParallelPlan, PrecisionPlan, resolve_precision
-from mptlike.parallel.materialize import INIT_MODES
-from mptlike.train.checkpoint import read_train_state, resolve_resume
+from mptlike.train.checkpoint import checkpoint_step, resolve_resume
 from mptlike.train.config import TrainConfig, config_to_dict
-from mptlike.train.guard import check_guard_config
+from mptlike.train.layout import CONFIG
 from mptlike.train.optim import check_optimizer_args
 from mptlike.train.schedule import Schedule
 
 log = logging.getLogger(__name__)
-
-ACCELERATORS = ("auto", "cpu", "gpu")
-BACKENDS = ("lightning", "composer")
-LOGGERS = ("csv", "wandb", "none")
-WANDB_MODES = ("offline", "online", "disabled")
 
 
 @dataclass(frozen=True)
@@ -62,8 +56,10 @@ class DataPlan:
     vocab_size: int | None  # of the tokenizer, when the folder exists
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunPlan:
+    """Everything a run needs, validated; frozen once built (a step that changes it makes a new one)."""
+
     cfg: TrainConfig
     config_dict: dict[str, Any]
     model_config: MPTConfig
@@ -96,16 +92,20 @@ def _positive(key: str, value: int, *, zero_ok: bool = False) -> None:
         raise MptlikeError(f"{key}={value} is invalid: use a {'non-negative' if zero_ok else 'positive'} integer")
 
 
+def _non_negative(key: str, value: float, fix: str) -> None:
+    if value < 0:
+        raise MptlikeError(f"{key}={value} is invalid: {fix}")
+
+
 def _accelerator(requested: str, dry_run: bool) -> str:
-    if requested not in ACCELERATORS:
-        raise MptlikeError(f"trainer.accelerator={requested!r} is unknown: choose one of {', '.join(ACCELERATORS)}")
+    """cpu or gpu: what trainer.accelerator (auto, cpu or gpu, a schema choice) means on this machine."""
     if requested == "auto":
         return "gpu" if torch.cuda.is_available() else "cpu"
     if requested == "gpu" and not torch.cuda.is_available() and not dry_run:
         raise MptlikeError(
             "trainer.accelerator=gpu but no CUDA device is visible: use trainer=cpu (or trainer.accelerator=auto)"
         )
-    return requested
+    return str(requested)
 
 
 def _check_batch(global_batch: int, micro_batch: int, world: WorldInfo) -> int:
@@ -180,53 +180,35 @@ def check_init_from(path_text: str, model: MPTConfig) -> Path:
 
 
 def _check_misc(cfg: TrainConfig) -> None:
-    t = cfg.trainer
-    if t.backend not in BACKENDS:
-        raise MptlikeError(f"trainer.backend={t.backend!r} is unknown: choose one of {', '.join(BACKENDS)}")
+    """Numbers and paths the schema's types cannot bound (its choices were checked while composing)."""
+    t, o, s = cfg.trainer, cfg.optim, cfg.sample
     _positive("trainer.devices", t.devices)
     _positive("trainer.num_nodes", t.num_nodes)
     _positive("trainer.max_steps", t.max_steps)
     _positive("trainer.log_every_n_steps", t.log_every_n_steps)
-    _positive("trainer.max_nonfinite_steps", t.max_nonfinite_steps)
-    g = cfg.guard
-    check_guard_config(g.nonfinite, g.max_skips, g.inject_nan_at_step)
-    if cfg.checkpoint.test_delay_s < 0:
-        raise MptlikeError(f"checkpoint.test_delay_s={cfg.checkpoint.test_delay_s} is invalid: use 0 (a testing aid)")
-    if t.peak_flops < 0:
-        raise MptlikeError(f"trainer.peak_flops={t.peak_flops} is invalid: use 0 (detect) or the device's FLOP/s")
-    if cfg.parallel.init not in INIT_MODES:
-        raise MptlikeError(f"parallel.init={cfg.parallel.init!r} is unknown: choose one of {', '.join(INIT_MODES)}")
-    o = cfg.optim
+    _non_negative("trainer.peak_flops", t.peak_flops, "use 0 (detect) or the device's FLOP/s")
     check_optimizer_args(name=o.name, lr=o.lr, betas=o.betas, eps=o.eps, weight_decay=o.weight_decay, impl=o.impl)
-    if o.grad_clip < 0:
-        raise MptlikeError(f"optim.grad_clip={o.grad_clip} is invalid: use a positive max norm, or 0 to disable")
-    if cfg.logger.name not in LOGGERS:
-        raise MptlikeError(f"logger.name={cfg.logger.name!r} is unknown: choose logger=csv, wandb or none")
-    if cfg.logger.mode not in WANDB_MODES:
-        raise MptlikeError(f"logger.mode={cfg.logger.mode!r} is unknown: choose one of {', '.join(WANDB_MODES)}")
+    _non_negative("optim.grad_clip", o.grad_clip, "use a positive max norm, or 0 to disable")
+    _positive("guard.max_skips", cfg.guard.max_skips, zero_ok=True)
     _positive("checkpoint.every_n_steps", cfg.checkpoint.every_n_steps, zero_ok=True)
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last, zero_ok=True)
     _positive("eval.every_n_steps", cfg.eval.every_n_steps, zero_ok=True)
     _positive("eval.max_samples", cfg.eval.max_samples)
-    s = cfg.sample
     _positive("sample.max_new_tokens", s.max_new_tokens, zero_ok=True)
-    if s.temperature < 0:
-        raise MptlikeError(f"sample.temperature={s.temperature} is invalid: use 0 (greedy) or a positive number")
+    _non_negative("sample.temperature", s.temperature, "use 0 (greedy) or a positive number")
     if s.top_k is not None and s.top_k < 1:
         raise MptlikeError(f"sample.top_k={s.top_k} is invalid: use null or a positive integer")
     if not cfg.run_dir:
         raise MptlikeError("run_dir is empty: give a folder for checkpoints and logs, e.g. run_dir=runs/my-run")
     if Path(cfg.run_dir).exists() and not Path(cfg.run_dir).is_dir():
         raise MptlikeError(f"run_dir={cfg.run_dir} is a file: give a folder")
-    if cfg.resume not in ("auto", "never") and not cfg.resume:
+    if not cfg.resume:
         raise MptlikeError("resume is empty: use auto, never or a checkpoint folder")
 
 
-RUN_CONFIG = "config.yaml"
 # Keys a restart may change without it being another run: how it starts, how long, what it shows.
 _RESTART_KEYS = ("resume", "dry_run", "init_from", "trainer.max_steps", "trainer.progress_bar",
-                 "trainer.log_every_n_steps", "checkpoint.overwrite", "checkpoint.test_delay_s",
-                 "guard.inject_nan_at_step")
+                 "trainer.log_every_n_steps", "checkpoint.overwrite")
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -244,7 +226,7 @@ def check_run_dir_free(cfg: TrainConfig) -> None:
 
     from mptlike.train.redact import redact
 
-    saved_file = Path(cfg.run_dir) / RUN_CONFIG
+    saved_file = Path(cfg.run_dir) / CONFIG
     if not saved_file.is_file():
         return
     try:
@@ -260,6 +242,32 @@ def check_run_dir_free(cfg: TrainConfig) -> None:
         raise MptlikeError(
             f"run_dir={cfg.run_dir} holds another run ({shown}{more}) and no checkpoint to resume: use another "
             f"run_dir, or checkpoint.overwrite=true to start over there"
+        )
+
+
+def check_composer_plan(plan: RunPlan) -> None:
+    """What the Composer backend cannot do, refused before anything is prepared or written."""
+    world, cfg = plan.world, plan.cfg
+    if world.world_size > 1 and not world.external:
+        raise MptlikeError(
+            f"trainer.devices x trainer.num_nodes = {world.world_size} processes with trainer.backend=composer "
+            f"need a launcher: run `torchrun --nproc_per_node={world.devices} -m mptlike.train ...` "
+            f"(or `composer -n {world.devices} -m mptlike.train ...`)"
+        )
+    if plan.accelerator == "cpu" and plan.precision.name != "fp32":
+        raise MptlikeError(
+            f"trainer.precision={cfg.trainer.precision} with trainer.backend=composer on CPU: Composer trains on "
+            "CPU in fp32 only; use trainer.precision=fp32 or a GPU"
+        )
+    if world.world_size > 1 and plan.accelerator == "cpu" and str(cfg.parallel.init) == "sharded":
+        raise MptlikeError(
+            "parallel.init=sharded with trainer.backend=composer needs GPUs (Composer allocates meta parameters "
+            "on CUDA): use parallel.init=rank0 or auto"
+        )
+    if str(cfg.guard.nonfinite) == "rollback":
+        raise MptlikeError(
+            "guard.nonfinite=rollback with trainer.backend=composer: Composer cannot reload a checkpoint in the "
+            "middle of fit(); use guard.nonfinite=skip (or stop, then resume=auto), or trainer.backend=lightning"
         )
 
 
@@ -290,21 +298,28 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
     resume_from = None
     init_from = None
     start_step = 0
+    composer = str(cfg.trainer.backend) == "composer"
     if not cfg.dry_run:
         check_attn_impl(model.attn_impl)
         data = check_data(cfg, model)
-        if cfg.trainer.backend == "lightning":
-            # The Composer backend keeps Composer's checkpoint layout and resolves `resume` itself.
+        if composer:
+            # Composer is optional (its own environment); its checkpoint layout is read with torch alone.
+            from mptlike.integrations.composer import checkpoints as composer_checkpoints
+
+            composer_checkpoints.require_composer()
+            resume_from = composer_checkpoints.resolve_composer_resume(cfg.resume, cfg.run_dir,
+                                                                       overwrite=cfg.checkpoint.overwrite)
+            start_step = composer_checkpoints.checkpoint_step(resume_from) if resume_from is not None else 0
+        else:
             resume_from = resolve_resume(cfg.resume, cfg.run_dir, overwrite=cfg.checkpoint.overwrite)
-        if resume_from is not None:
-            start_step = read_train_state(resume_from).step
-        elif cfg.trainer.backend == "lightning" and not cfg.checkpoint.overwrite:
+            start_step = checkpoint_step(resume_from) if resume_from is not None else 0
+        if resume_from is None and not cfg.checkpoint.overwrite:
             check_run_dir_free(cfg)
         if cfg.init_from:
             init_from = check_init_from(cfg.init_from, model)
         if data.is_default_corpus and cfg.data.path is None:
             cfg.data.path = str(data.path)
-    return RunPlan(
+    plan = RunPlan(
         cfg=cfg,
         config_dict=config_to_dict(cfg),
         model_config=model,
@@ -319,3 +334,6 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
         start_step=start_step,
         init_from=init_from,
     )
+    if composer and not cfg.dry_run:
+        check_composer_plan(plan)
+    return plan

@@ -1,8 +1,11 @@
-"""Helpers of the Composer tests: the small quickstart run, metrics.csv, and a Composer-backend run."""
+"""Helpers of the Composer tests: the small quickstart run, metrics.csv, Composer runs in this process or their own."""
 
 from __future__ import annotations
 
 import csv
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 SEQ_LEN = 32
@@ -47,8 +50,26 @@ def read_metrics(run_dir: Path) -> dict[int, dict[str, float]]:
 
 def train_with_composer(overrides: list[str]):
     """The Composer backend from a composed config, as `mptlike-train trainer=composer` runs it."""
-    from mptlike.train.composer_runner import run
     from mptlike.train.config import compose_config, to_train_config
     from mptlike.train.plan import build_plan
+    from mptlike.train.run import run
 
-    return run(build_plan(to_train_config(compose_config(overrides))))
+    return run(build_plan(to_train_config(compose_config([*overrides, "trainer.backend=composer"]))))
+
+
+def composer_process(overrides: list[str], *, nproc: int = 1, faults: str | None = None,
+                     timeout: float = 240) -> subprocess.CompletedProcess:
+    """`mptlike-train trainer.backend=composer` in processes of its own (torchrun for nproc > 1), one thread each.
+
+    `faults` goes to MPTLIKE_FAULTS (mptlike.train.faults). Runs compared bit for bit must all
+    run this way: the thread count changes the order of floating-point reductions.
+    """
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop("MPTLIKE_FAULTS", None)
+    if faults:
+        env["MPTLIKE_FAULTS"] = faults
+    launcher = [sys.executable]
+    if nproc > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    cmd = [*launcher, "-m", "mptlike.train", *overrides, "trainer.backend=composer"]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)

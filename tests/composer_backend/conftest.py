@@ -11,7 +11,7 @@ import random
 from pathlib import Path
 
 import pytest
-from composer_runs import MAX_STEPS, WORDS, small_run, train_with_composer
+from composer_runs import MAX_STEPS, WORDS, composer_process, small_run, train_with_composer
 
 
 def pytest_configure(config):
@@ -51,4 +51,13 @@ def composer_run(corpus, tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("composer") / "run"
     result = train_with_composer(small_run(corpus, run_dir))
     assert result.final_step == MAX_STEPS
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def composer_two_process_run(corpus, tmp_path_factory) -> Path:
+    """The same run under torchrun, 2 CPU processes: Composer shards with FSDP2 (gloo)."""
+    run_dir = tmp_path_factory.mktemp("composer2") / "run"
+    done = composer_process(small_run(corpus, run_dir), nproc=2)
+    assert done.returncode == 0, done.stderr[-4000:]
     return run_dir

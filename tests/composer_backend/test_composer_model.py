@@ -11,7 +11,8 @@ pytest.importorskip("composer")
 
 from mptlike.data import TokenDataset, build_loader  # noqa: E402
 from mptlike.data.shards import write_token_folder  # noqa: E402
-from mptlike.integrations.composer import ComposerMPT, composer_dataloader  # noqa: E402
+from mptlike.integrations.composer.data import composer_dataloader  # noqa: E402
+from mptlike.integrations.composer.model import ComposerMPT  # noqa: E402
 from mptlike.model import MPTConfig, MPTForCausalLM  # noqa: E402
 
 pytestmark = pytest.mark.composer

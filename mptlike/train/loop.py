@@ -1,0 +1,343 @@
+"""The training loop. Lightning Fabric owns the processes, the device, the mesh and precision; `fit`
+owns everything else and reads top to bottom:
+
+    build the model (meta -> activation checkpointing/compile/FSDP2 -> weights), optimizer, data
+    resume every component from a checkpoint, or start fresh
+    each step: this rank's micro-batches forward/backward (gradients reduced on the last), one
+      all-reduce of the loss and of "did any rank get a signal", clip, the guard's verdict,
+      optimizer step (or skip, or roll back), log, evaluate, checkpoint
+    on a signal: checkpoint this step and return; at max_steps: final checkpoint, evaluation, export
+
+Exact resume needs the loop to pull micro-batches from the resumable loader itself (nothing
+prefetched past a checkpoint) and every component to save its state: progress, loader, guard.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mptlike.data import Manifest, TokenDataset, build_loader
+from mptlike.model import MPTForCausalLM
+from mptlike.parallel import is_sharded, materialize, parallelize, resolve_init_mode
+from mptlike.train import faults
+from mptlike.train.checkpoint import Checkpointer, load_pretrained_weights
+from mptlike.train.evaluate import evaluate
+from mptlike.train.export import export_and_sample
+from mptlike.train.flops import peak_flops
+from mptlike.train.guard import Action, NonFiniteGuard, append_jsonl, batch_sample_ids, truncate_jsonl
+from mptlike.train.layout import GUARD_EVENTS, SAMPLES_LOG
+from mptlike.train.loggers import build_loggers
+from mptlike.train.optim import build_optimizer
+from mptlike.train.plan import RunPlan
+from mptlike.train.redact import redact
+from mptlike.train.result import RunResult
+from mptlike.train.schedule import LRScheduler
+from mptlike.train.signals import OTHER_RANK, Preemption
+from mptlike.train.throughput import ThroughputMeter
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Progress:
+    step: int = 0  # optimizer steps completed
+    tokens_seen: int = 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step, self.tokens_seen = int(state["step"]), int(state.get("tokens_seen", 0))
+
+
+def build_fabric(plan: RunPlan):
+    from lightning.fabric import Fabric
+    from lightning.fabric.plugins.environments import TorchElasticEnvironment
+    from lightning.fabric.strategies import ModelParallelStrategy
+
+    for name in ("lightning.pytorch", "lightning.fabric"):  # device banners and tips: warnings only
+        logging.getLogger(name).setLevel(logging.WARNING)
+    world = plan.world
+    strategy: Any = "auto"
+    if world.world_size > 1:
+        # Fabric sets up the process group and the mesh; mptlike.parallel shards the model itself,
+        # from outside the model (build_model), so Fabric's own parallelize hook is not used.
+        strategy = ModelParallelStrategy(parallelize_fn=lambda module, mesh: module,
+                                         data_parallel_size=world.world_size, tensor_parallel_size=1)
+    # Under torchrun (also inside SLURM), torchrun's ranks are the truth, not SLURM's tasks.
+    plugins = [TorchElasticEnvironment()] if world.external else None
+    return Fabric(accelerator=plan.accelerator, devices=world.devices, num_nodes=world.num_nodes, strategy=strategy,
+                  precision=plan.precision.lightning, plugins=plugins)
+
+
+def build_model(plan: RunPlan, fabric) -> MPTForCausalLM:
+    """On meta first, so a large model never exists whole on one rank; then sharded and initialized."""
+
+    def on_meta() -> MPTForCausalLM:
+        with torch.device("meta"):
+            return MPTForCausalLM(plan.model_config)
+
+    model = on_meta()
+    mesh = fabric.strategy.device_mesh["data_parallel"] if plan.world.world_size > 1 else None
+    parallelize(model, plan.parallel, mesh=mesh, param_dtype=plan.precision.param_dtype,
+                reduce_dtype=plan.precision.reduce_dtype)
+    init = resolve_init_mode(str(plan.cfg.parallel.init), fabric.device, plan.world.world_size)
+    materialize(model, fabric.device, seed=plan.cfg.seed, init=init, build_full=on_meta)
+    if plan.init_from is not None and plan.resume_from is None:
+        load_pretrained_weights(model, plan.init_from)
+        log.info("initialized the weights from %s", plan.init_from)
+    return model
+
+
+def train_step(model: nn.Module, batches, fabric, *, accumulation: int, grad_clip: float, poisoned: bool,
+               stop_requested: bool) -> tuple[float, float, bool]:
+    """Forward/backward over this rank's micro-batches of one global batch, then clip.
+
+    Returns (mean loss over the global batch, gradient norm before clipping, whether any rank was
+    asked to stop); the same three values on every rank.
+    """
+    sharded = is_sharded(model)
+    loss_sum = torch.zeros((), device=fabric.device)
+    for i in range(accumulation):
+        micro = {k: v.to(fabric.device, non_blocking=True) for k, v in next(batches).items()}
+        if sharded:
+            model.set_requires_gradient_sync(i == accumulation - 1)  # reduce-scatter once, after the last
+        with fabric.autocast():
+            loss = model(micro["input_ids"], labels=micro["labels"], sequence_id=micro.get("sequence_id")).loss
+        if poisoned:
+            loss = loss * float("nan")
+        fabric.backward(loss / accumulation)
+        loss_sum += loss.detach().float()
+    # One all-reduce carries the loss and whether any rank was signalled, so all stop at this step.
+    packed = torch.stack([loss_sum / accumulation, torch.tensor(float(stop_requested), device=fabric.device)])
+    if fabric.world_size > 1:
+        dist.all_reduce(packed)
+        packed[0] /= fabric.world_size
+    params = [p for p in model.parameters() if p.grad is not None]
+    if grad_clip > 0:
+        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    else:
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    # Under FSDP2 the norm is a DTensor holding partial sums: full_tensor() all-reduces it.
+    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    loss_value, stop = packed.tolist()  # a CPU-GPU sync point, once per step
+    return loss_value, norm.item(), stop > 0
+
+
+def open_val_split(plan: RunPlan) -> TokenDataset | None:
+    cfg, seq_len = plan.cfg, plan.model_config.max_seq_len
+    if not (cfg.eval.every_n_steps or cfg.eval.at_end):
+        return None
+    if Manifest.load(plan.data.path).num_tokens.get("val", 0) <= seq_len:
+        log.warning("%s has no usable val split: validation is skipped", plan.data.path)
+        return None
+    return TokenDataset(plan.data.path, "val", seq_len=seq_len,
+                        with_sequence_id=plan.model_config.attn_uses_sequence_id)
+
+
+class Run:
+    """The loop's components and the few things it does between steps (evaluate, save, roll back, finish).
+
+    A checkpoint is the union of the components' states: `progress`, `loader`, `guard`.
+    """
+
+    def __init__(self, plan: RunPlan, fabric) -> None:
+        cfg, o, ck = plan.cfg, plan.cfg.optim, plan.cfg.checkpoint
+        self.plan, self.cfg, self.fabric = plan, cfg, fabric
+        self.rank, self.world = fabric.global_rank, fabric.world_size
+        self.rank_zero = self.rank == 0
+        self.model = build_model(plan, fabric)
+        self.optimizer = build_optimizer(self.model, name=str(o.name), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                         weight_decay=o.weight_decay, impl=str(o.impl), device_type=fabric.device.type)
+        self.scheduler = LRScheduler(self.optimizer, plan.schedule, o.lr)
+        train_data = TokenDataset(plan.data.path, "train", seq_len=plan.model_config.max_seq_len,
+                                  with_sequence_id=plan.model_config.attn_uses_sequence_id)
+        self.loader = build_loader(train_data, global_batch_size=cfg.trainer.global_batch_size,
+                                   micro_batch_size=cfg.trainer.micro_batch_size, rank=self.rank, world_size=self.world,
+                                   seed=cfg.seed, num_workers=cfg.data.num_workers,
+                                   pin_memory=fabric.device.type == "cuda")
+        self.val_data = open_val_split(plan)
+        self.progress = Progress()
+        self.guard = NonFiniteGuard(cfg.guard.nonfinite, cfg.guard.max_skips, plan.run_dir if self.rank_zero else None)
+        self.checkpointer = Checkpointer(plan.run_dir, every_n_steps=ck.every_n_steps, keep_last=ck.keep_last,
+                                         async_save=ck.async_save)
+        if self.rank_zero:
+            self.checkpointer.remove_stale_tmp()
+        if plan.resume_from is not None:
+            self.load(plan.resume_from, self.components)
+        else:
+            # Dropout differs per rank on purpose; the weights were seeded on their own.
+            torch.manual_seed(cfg.seed + 1 + self.rank)
+        self.start_step = self.progress.step
+        if self.rank_zero:
+            # Rows a killed run wrote after its last checkpoint describe steps that run again.
+            truncate_jsonl(plan.run_dir / SAMPLES_LOG, self.start_step)
+            truncate_jsonl(plan.run_dir / GUARD_EVENTS, self.start_step)
+        self.loggers = build_loggers(cfg, run_dir=plan.run_dir, config=redact(plan.config_dict),
+                                     start_step=self.start_step, is_rank_zero=self.rank_zero)
+        with torch.device("meta"):
+            flops_per_token = MPTForCausalLM(plan.model_config).flops_per_token(plan.model_config.max_seq_len)
+        self.meter = ThroughputMeter(flops_per_token=flops_per_token,
+                                     peak_flops=peak_flops(cfg.trainer.peak_flops, fabric.device),
+                                     tokens_per_step=plan.tokens_per_step,
+                                     samples_per_step=cfg.trainer.global_batch_size, world_size=self.world,
+                                     device=fabric.device)
+        self.first_loss: float | None = None
+        self.last_loss: float | None = None
+        self.val: dict[str, float] = {}
+
+    @property
+    def components(self) -> dict[str, Any]:
+        return {"progress": self.progress, "loader": self.loader, "guard": self.guard}
+
+    def load(self, path: Path, components: dict[str, Any]) -> None:
+        """Moments, step and data position come from the checkpoint; hyperparameters from the config."""
+        groups = self.optimizer.param_groups
+        hparams = [{k: g[k] for k in ("betas", "eps", "weight_decay") if k in g} for g in groups]
+        state = self.checkpointer.load(path, self.model, self.optimizer, components)
+        for group, values in zip(groups, hparams, strict=True):
+            group.update(values)
+        log.info("resumed from %s at step %d (saved at world size %d)", path, self.progress.step,
+                 state["world_size"])
+
+    def sample_ids(self, position: int) -> list[int]:
+        loader = self.loader
+        return batch_sample_ids(position, loader.global_batch_size, loader.num_samples, loader.seed)
+
+    def skip_rolled_back_batches(self, batches) -> int:
+        """Draw and drop the global batches a rollback passes over; returns the position this step reads."""
+        while self.loader.samples_consumed in self.guard.skip_positions:
+            for _ in range(self.plan.accumulation_steps):
+                next(batches)
+        return self.loader.samples_consumed
+
+    def check(self, *, loss: float, grad_norm: float, position: int) -> Action:
+        """The guard's verdict on the step about to be taken (NonFiniteError for stop)."""
+        step = self.progress.step + 1
+        try:
+            action = self.guard.check(step=step, loss=loss, grad_norm=grad_norm, position=position,
+                                      ids_of=self.sample_ids)
+        except Exception:
+            self.checkpointer.wait()  # the save before this step holds finite weights: let it complete
+            raise
+        if action is not Action.STEP:
+            self.loggers.log({"guard/nonfinite_step": 1.0}, step)
+        return action
+
+    def rollback(self, position: int):
+        """Reload the newest complete checkpoint; returns a fresh iterator over the loader."""
+        self.checkpointer.wait()
+        newest = self.checkpointer.newest()
+        if newest is None:
+            raise self.guard.no_checkpoint_to_roll_back_to(self.progress.step + 1, self.sample_ids(position))
+        # The guard keeps its newer state: the event just counted and the position to pass over.
+        self.load(newest, {"progress": self.progress, "loader": self.loader})
+        if self.rank_zero:
+            truncate_jsonl(self.plan.run_dir / SAMPLES_LOG, self.progress.step)
+        self.loggers.truncate(self.progress.step)
+        self.meter.restart()
+        return iter(self.loader)
+
+    def log_step(self, *, loss: float, lr: float, grad_norm: float, position: int, skipped: bool) -> None:
+        """Metrics every trainer.log_every_n_steps steps, at the last step, and at every skipped step."""
+        cfg, step = self.cfg, self.progress.step
+        self.meter.step()
+        self.first_loss = loss if self.first_loss is None else self.first_loss
+        self.last_loss = loss
+        if cfg.debug.log_sample_ids and self.rank_zero:
+            append_jsonl(self.plan.run_dir / SAMPLES_LOG, {"step": step, "samples": self.sample_ids(position)})
+        metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm}
+        if step % cfg.trainer.log_every_n_steps == 0 or step == cfg.trainer.max_steps:
+            metrics.update(self.meter.report(), **{"train/tokens_seen": float(self.progress.tokens_seen)})
+        elif not skipped:
+            return
+        if skipped:
+            metrics["train/skipped_step"] = 1.0
+        self.loggers.log(metrics, step)
+
+    def evaluate(self) -> None:
+        if self.val_data is None:
+            return
+        cfg = self.cfg
+        with self.meter.paused(), self.fabric.autocast():
+            metrics = evaluate(self.model, self.val_data, max_samples=cfg.eval.max_samples,
+                               micro_batch_size=cfg.trainer.micro_batch_size, rank=self.rank, world_size=self.world,
+                               device=self.fabric.device)
+        if metrics:
+            self.val = metrics
+            self.loggers.log(metrics, self.progress.step)
+            log.info("step %d: val/loss %.4f, val/perplexity %.2f", self.progress.step, metrics["val/loss"],
+                     metrics["val/perplexity"])
+
+    def save(self) -> None:
+        with self.meter.paused():
+            self.checkpointer.save(self.progress.step, self.model, self.optimizer, self.components)
+
+    def finish(self, *, preempted_by: str | None, wall_seconds: float) -> RunResult:
+        """Preempted: checkpoint this step. Done: final checkpoint, evaluation, export and sample."""
+        cfg, step = self.cfg, self.progress.step
+        export_dir = sample = checkpoint = None
+        trained = step > self.start_step
+        if preempted_by is not None or (trained and cfg.checkpoint.save_final):
+            if self.checkpointer.last_saved_step != step:
+                self.save()
+        self.checkpointer.wait()
+        if preempted_by is not None:
+            checkpoint = self.checkpointer.newest()
+        else:
+            if trained and cfg.eval.at_end:
+                self.evaluate()
+            if cfg.checkpoint.export_final or cfg.sample.max_new_tokens:
+                export_dir, sample = export_and_sample(self.model, self.plan)
+        self.loggers.close()
+        return RunResult(final_step=step, steps_run=step - self.start_step, wall_seconds=wall_seconds,
+                         first_loss=self.first_loss, last_loss=self.last_loss, val=self.val, export_dir=export_dir,
+                         sample=sample, is_rank_zero=self.rank_zero, preempted_by=preempted_by, checkpoint=checkpoint)
+
+
+def fit(plan: RunPlan) -> RunResult:
+    cfg, max_steps = plan.cfg, plan.cfg.trainer.max_steps
+    fabric = build_fabric(plan)
+    fabric.launch()
+    with Preemption() as preemption:
+        run = Run(plan, fabric)
+        started = time.perf_counter()
+        stop = False
+        batches = iter(run.loader)
+        while run.progress.step < max_steps:
+            position = run.skip_rolled_back_batches(batches)
+            lr = run.scheduler.apply(run.progress.step)
+            faults.active().maybe_signal(run.progress.step + 1, run.rank)
+            loss, grad_norm, stop = train_step(
+                run.model, batches, fabric, accumulation=plan.accumulation_steps, grad_clip=cfg.optim.grad_clip,
+                poisoned=faults.active().poisons(position, cfg.trainer.global_batch_size),
+                stop_requested=preemption.requested is not None)
+            action = run.check(loss=loss, grad_norm=grad_norm, position=position)
+            if action is Action.STEP:
+                run.optimizer.step()
+            run.optimizer.zero_grad(set_to_none=True)
+            if action is Action.ROLLBACK:
+                batches = run.rollback(position)
+                continue
+            run.progress.step += 1
+            run.progress.tokens_seen += plan.tokens_per_step
+            run.log_step(loss=loss, lr=lr, grad_norm=grad_norm, position=position, skipped=action is Action.SKIP)
+            if run.progress.step >= max_steps:
+                stop = False  # a signal during the last step: the run ends normally, with its export
+                break
+            if stop:
+                break
+            if cfg.eval.every_n_steps and run.progress.step % cfg.eval.every_n_steps == 0:
+                run.evaluate()
+            if run.checkpointer.due(run.progress.step):
+                run.save()
+        preempted_by = (preemption.requested or OTHER_RANK) if stop else None
+        return run.finish(preempted_by=preempted_by, wall_seconds=time.perf_counter() - started)
