@@ -7,7 +7,7 @@ import yaml
 
 from mptlike.errors import MptlikeError
 from mptlike.model import PRESETS, MPTConfig, MPTForCausalLM
-from mptlike.model.presets import preset_yaml
+from mptlike.model.conf_files import preset_yaml
 
 CONF_MODEL = Path(__file__).resolve().parents[1] / "conf" / "model"
 
@@ -47,7 +47,8 @@ def test_kv_n_heads_defaults_to_multi_head():
 @pytest.mark.parametrize("name", list(PRESETS))
 def test_conf_model_yaml_equals_preset(name):
     path = CONF_MODEL / f"{name}.yaml"
-    assert path.read_text() == preset_yaml(name), "regenerate: python -m mptlike.model.presets --write-conf conf/model"
+    regenerate = "regenerate: python -m mptlike.model.conf_files --write-conf conf/model"
+    assert path.read_text() == preset_yaml(name), regenerate
     assert MPTConfig.from_dict(yaml.safe_load(path.read_text())) == MPTConfig.from_preset(name)
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mptlike.errors import MptlikeError
+from mptlike.model.presets import PRESETS
 from mptlike.ops.attention import ATTN_IMPLS
 
 INIT_NAMES = ("kaiming_normal_", "kaiming_uniform_", "baseline_", "small_init_", "neox_init_")
@@ -158,8 +159,6 @@ class MPTConfig:
 
     @classmethod
     def from_preset(cls, name: str, **overrides: Any) -> MPTConfig:
-        from mptlike.model.presets import PRESETS
-
         if name not in PRESETS:
             raise MptlikeError(f"model preset {name!r} is unknown: choose one of {', '.join(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
