@@ -15,6 +15,7 @@ from mptlike.integrations.checkpoint_io import read_checkpoint, staged_output
 from mptlike.model import MPTConfig, MPTForCausalLM
 from mptlike.train.checkpoint import COMPLETE, Checkpointer
 from mptlike.train.config import DataConfig, TrainConfig, config_to_dict
+from mptlike.train.loop import Progress
 
 # Saving a step checkpoint in one process is exactly what these tests mean to do.
 pytestmark = pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
@@ -48,7 +49,7 @@ def make_run(tmp_path, model, data_dir=None):
 def save_step(run, model, step):
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     checkpointer = Checkpointer(run)
-    checkpointer.save(step, model, optimizer, {})
+    checkpointer.save(step, model, optimizer, {"progress": Progress(step=step)})
     return checkpointer.newest()
 
 

@@ -153,6 +153,15 @@ class TokenDataset(Dataset):
         out = np.empty((idx.size, self.seq_len + 1), dtype=np.int64)
         for row, i in enumerate(idx.tolist()):
             self._fill(out[row], i * self.seq_len)
+        # A damaged shard holds ids the tokenizer never made; caught here (one max over the batch),
+        # they would otherwise index past the embedding mid-run. data.verify checks every byte upfront.
+        if out.size and out.max() >= self.manifest.vocab_size:
+            row = int(np.argmax(out.max(axis=1)))
+            raise MptlikeError(
+                f"sample {int(idx[row])} of {self.data_dir} ({self.split}) holds token id {int(out[row].max())}, "
+                f"beyond the tokenizer's {self.manifest.vocab_size} ids: a shard is damaged; find it with "
+                f"data.verify=true (checksums) and re-run mptlike-prep"
+            )
         return out
 
     def get_batch(self, indices: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -87,6 +88,68 @@ def complete_checkpoints(run_dir: str | os.PathLike, *, warn: bool = False) -> l
     return sorted(found)
 
 
+# Files up to this size are checksummed at save time and on every verification; larger ones (the
+# tensor shards) are checked by size, which catches truncation and loss without reading gigabytes.
+_HASHED_BYTES = 1 << 20
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _inventory(folder: Path) -> dict[str, Any]:
+    """What COMPLETE records of a finished checkpoint folder: every file's size, small files' sha256."""
+    sizes, hashes = {}, {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != COMPLETE):
+        name = path.relative_to(folder).as_posix()
+        sizes[name] = path.stat().st_size
+        if sizes[name] <= _HASHED_BYTES:
+            hashes[name] = _sha256(path)
+    return {"files": sizes, "sha256": hashes}
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why the checkpoint folder `path` cannot be trusted, or None when every recorded file is intact.
+
+    Cheap: sizes of all files and the sha256 of the small ones (metadata, train state, RNG) as
+    COMPLETE recorded them at save time. Checkpoints written before COMPLETE held an inventory are
+    checked for a readable train state only.
+    """
+    try:
+        marker = json.loads((path / COMPLETE).read_text())
+    except (OSError, ValueError) as exc:
+        return f"its {COMPLETE} marker is unreadable ({short_error(exc)})"
+    if not (path / ".metadata").is_file():
+        return "its .metadata (the index of the tensor shards) is missing"
+    for name, size in marker.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            return f"{name} is missing"
+        if file.stat().st_size != size:
+            return f"{name} has {file.stat().st_size} bytes, {size} were written"
+    for name, digest in marker.get("sha256", {}).items():
+        if _sha256(path / name) != digest:
+            return f"{name} does not match its checksum"
+    try:
+        read_train_state(path)
+    except (OSError, ValueError, KeyError) as exc:
+        return f"its {TRAIN_STATE} is unreadable ({short_error(exc)})"
+    return None
+
+
+def intact_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, folder) of the complete checkpoints that pass `checkpoint_problem`, oldest first; a
+    damaged one is named in a warning."""
+    intact = []
+    for step, path in complete_checkpoints(run_dir, warn=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            intact.append((step, path))
+        else:
+            log.warning("skipping damaged checkpoint %s: %s", path, problem)
+    return intact
+
+
 def has_checkpoints(run_dir: str | os.PathLike) -> bool:
     root = checkpoints_dir(run_dir)
     return root.is_dir() and any(root.iterdir())
@@ -95,7 +158,8 @@ def has_checkpoints(run_dir: str | os.PathLike) -> bool:
 def resolve_resume(resume: str, run_dir: str | os.PathLike, *, overwrite: bool) -> Path | None:
     """The checkpoint folder to start from, or None for a fresh start; reads, never writes."""
     if resume == "auto":
-        found = complete_checkpoints(run_dir, warn=True)
+        # Newest first: a damaged newest checkpoint falls back to the one before it, with a warning.
+        found = intact_checkpoints(run_dir)
         return found[-1][1] if found else None
     if resume == "never":
         if has_checkpoints(run_dir) and not overwrite:
@@ -113,6 +177,9 @@ def resolve_resume(resume: str, run_dir: str | os.PathLike, *, overwrite: bool) 
         raise MptlikeError(
             f"resume={resume} is not a complete checkpoint (no {COMPLETE} or {TRAIN_STATE}): pick another step-N folder"
         )
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise MptlikeError(f"resume={resume} is damaged ({problem}): pick another step-N folder, or resume=auto")
     return path
 
 
@@ -228,8 +295,9 @@ class Checkpointer:
     """
 
     def __init__(self, run_dir: str | os.PathLike, *, every_n_steps: int = 0, keep_last: int = 0,
-                 async_save: bool = False) -> None:
+                 async_save: bool = False, identity: dict[str, Any] | None = None) -> None:
         self.run_dir = Path(run_dir)
+        self.identity = identity or {}  # what a resume must match (mptlike.train.plan.run_identity)
         self.every_n_steps = every_n_steps
         self.keep_last = keep_last
         self.last_saved_step = -1
@@ -244,7 +312,8 @@ class Checkpointer:
         return bool(self.every_n_steps) and step % self.every_n_steps == 0
 
     def newest(self) -> Path | None:
-        found = complete_checkpoints(self.run_dir)
+        """The newest intact checkpoint (damaged ones are skipped with a warning)."""
+        found = intact_checkpoints(self.run_dir)
         return found[-1][1] if found else None
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -257,11 +326,13 @@ class Checkpointer:
         if _rank() == 0:
             if tmp.exists():
                 shutil.rmtree(tmp)
+            self._make_room(root)
             tmp.mkdir(parents=True)
         _barrier()
         world = dist.get_world_size() if _distributed() else 1
         pending = _Pending(step, tmp, final, world)
-        state = {"world_size": world, **{name: c.state_dict() for name, c in components.items()}}
+        state = {"world_size": world, "identity": self.identity,
+                 **{name: c.state_dict() for name, c in components.items()}}
         try:
             pending.future = self._write(tmp, model, optimizer, state)
         except BaseException as exc:  # DCP raises CheckpointException, a BaseException
@@ -319,8 +390,9 @@ class Checkpointer:
                 shutil.rmtree(pending.tmp, ignore_errors=True)
             _barrier()
             raise MptlikeError(
-                f"disk full while writing checkpoint {pending.final}: free space or lower checkpoint.keep_last "
-                f"(the previous checkpoints are intact; resume=auto continues from the newest)"
+                f"disk full while writing checkpoint {pending.final}: free space on that disk (older step-N "
+                f"folders there can go; keep the newest), then run again: resume=auto continues from the newest "
+                f"checkpoint, which is intact"
             ) from None
         delay = faults.active().checkpoint_delay_s
         if delay > 0:
@@ -328,7 +400,7 @@ class Checkpointer:
         _barrier()
         if _rank() == 0:
             marker = {"step": pending.step, "world_size": pending.world_size,
-                      "time": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                      "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **_inventory(pending.tmp)}
             atomic_write(pending.tmp / COMPLETE, json.dumps(marker) + "\n")
             # The final name exists already only when a run resumed from an older step reaches a step it saved before.
             replace_dir(pending.tmp, pending.final)
@@ -337,11 +409,34 @@ class Checkpointer:
         log.info("step %d: checkpoint %s", pending.step, pending.final)
         return pending.final
 
+    def _make_room(self, root: Path) -> None:
+        """When the disk cannot hold another checkpoint as large as the newest, prune before writing
+        (down to keep_last - 1, never below one intact checkpoint) instead of after."""
+        intact = intact_checkpoints(self.run_dir)
+        if self.keep_last <= 0 or len(intact) < 2 or len(intact) < self.keep_last:
+            return
+        newest = intact[-1][1]
+        needed = sum(p.stat().st_size for p in newest.rglob("*") if p.is_file())
+        if shutil.disk_usage(root).free >= 1.1 * needed:
+            return
+        for _, path in intact[: len(intact) - max(1, self.keep_last - 1)]:
+            log.warning("little disk space left (%.1f GB free, a checkpoint needs ~%.1f GB): deleting %s "
+                        "before writing the next one", shutil.disk_usage(root).free / 1e9, needed / 1e9, path)
+            shutil.rmtree(path, ignore_errors=True)
+
     def _prune(self) -> None:
+        """Keep the newest keep_last intact checkpoints: a damaged one never counts, so the last
+        intact checkpoint survives however many damaged ones follow it."""
         if self.keep_last <= 0:
             return
-        for _, path in complete_checkpoints(self.run_dir)[:-self.keep_last]:
-            shutil.rmtree(path, ignore_errors=True)
+        kept = intact_checkpoints(self.run_dir)[-self.keep_last:]
+        if not kept:
+            return
+        oldest_kept = kept[0][0]
+        for step, path in complete_checkpoints(self.run_dir):
+            # Older than every kept one, intact or damaged, goes; newer damaged folders stay for inspection.
+            if step < oldest_kept:
+                shutil.rmtree(path, ignore_errors=True)
 
     def remove_stale_tmp(self) -> None:
         """Delete .tmp folders left by a crash (rank 0, before training starts)."""

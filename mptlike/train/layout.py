@@ -7,6 +7,7 @@
     final/               the trained weights, MPTForCausalLM.from_pretrained
     guard_events.jsonl   one row per NaN/inf step the guard handled
     samples.jsonl        debug.log_sample_ids: the global sample indices of every step
+    .lock                held (flock) by the run using the folder: pid, host and start time
 """
 
 CONFIG = "config.yaml"
@@ -16,3 +17,4 @@ CHECKPOINTS = "checkpoints"
 FINAL = "final"
 GUARD_EVENTS = "guard_events.jsonl"
 SAMPLES_LOG = "samples.jsonl"
+LOCK = ".lock"

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,7 @@ class Run:
         self.progress = Progress()
         self.guard = NonFiniteGuard(cfg.guard.nonfinite, cfg.guard.max_skips, plan.run_dir if self.rank_zero else None)
         self.checkpointer = Checkpointer(plan.run_dir, every_n_steps=ck.every_n_steps, keep_last=ck.keep_last,
-                                         async_save=ck.async_save)
+                                         async_save=ck.async_save, identity=plan.identity)
         if self.rank_zero:
             self.checkpointer.remove_stale_tmp()
         if plan.resume_from is not None:
@@ -303,12 +304,14 @@ class Run:
                          sample=sample, is_rank_zero=self.rank_zero, preempted_by=preempted_by, checkpoint=checkpoint)
 
 
-def fit(plan: RunPlan) -> RunResult:
+def fit(plan: RunPlan, on_start: Callable[[], None] = lambda: None) -> RunResult:
+    """Train as `plan` says; `on_start()` runs once everything is built and loaded, before step one."""
     cfg, max_steps = plan.cfg, plan.cfg.trainer.max_steps
     fabric = build_fabric(plan)
     fabric.launch()
     with Preemption() as preemption:
         run = Run(plan, fabric)
+        on_start()
         started = time.perf_counter()
         stop = False
         batches = iter(run.loader)

@@ -6,6 +6,7 @@ one sentence instead of after minutes of startup on many nodes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -15,10 +16,10 @@ from typing import Any
 
 import torch
 
-from mptlike.errors import MptlikeError
+from mptlike.errors import MptlikeError, short_error
 from mptlike.model import MPTConfig
 from mptlike.parallel import ParallelPlan, PrecisionPlan, resolve_precision
-from mptlike.train.checkpoint import checkpoint_step, resolve_resume
+from mptlike.train.checkpoint import checkpoint_step, read_train_state, resolve_resume
 from mptlike.train.config import TrainConfig, config_to_dict
 from mptlike.train.layout import CONFIG
 from mptlike.train.optim import check_optimizer_args
@@ -77,6 +78,11 @@ class RunPlan:
     @property
     def run_dir(self) -> Path:
         return Path(self.cfg.run_dir)
+
+    @property
+    def identity(self) -> dict[str, Any]:
+        """What every checkpoint of this run records and a resume must match (see run_identity)."""
+        return run_identity(self.cfg, self.data.path if self.data is not None else None)
 
     @property
     def tokens_per_step(self) -> int:
@@ -165,10 +171,27 @@ def check_init_from(path_text: str, model: MPTConfig) -> Path:
                 f"init_from={path_text} has no {name}: give a folder written by save_pretrained (a run's final/) "
                 f"or by `mptlike-convert from-hf`"
             )
-    values = json.loads((path / CONFIG_NAME).read_text())
+    try:
+        values = json.loads((path / CONFIG_NAME).read_text())
+        if not isinstance(values, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as exc:
+        raise MptlikeError(
+            f"init_from={path_text}: {CONFIG_NAME} is unreadable ({short_error(exc)}): re-export the folder"
+        ) from None
     if values.pop("model_type", MODEL_TYPE) != MODEL_TYPE:
         raise MptlikeError(f"init_from={path_text} is not an mptlike folder: convert it with `mptlike-convert from-hf`")
     saved = MPTConfig.from_dict(values)
+    try:
+        from safetensors import safe_open
+
+        # Reads the header only, and checks it against the file's length: catches truncation.
+        with safe_open(str(path / WEIGHTS_NAME), framework="pt") as f:
+            f.keys()
+    except Exception as exc:  # SafetensorError, OSError: a damaged or truncated file
+        raise MptlikeError(
+            f"init_from={path_text}: {WEIGHTS_NAME} is damaged ({short_error(exc)}): re-export the folder"
+        ) from None
     wrong = [k for k in _SHAPE_KEYS if getattr(saved, k) != getattr(model, k)]
     if wrong:
         diffs = ", ".join(f"model.{k}={getattr(model, k)} vs {getattr(saved, k)}" for k in wrong)
@@ -194,6 +217,7 @@ def _check_misc(cfg: TrainConfig) -> None:
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last, zero_ok=True)
     _positive("eval.every_n_steps", cfg.eval.every_n_steps, zero_ok=True)
     _positive("eval.max_samples", cfg.eval.max_samples)
+    _positive("data.num_workers", cfg.data.num_workers, zero_ok=True)
     _positive("sample.max_new_tokens", s.max_new_tokens, zero_ok=True)
     _non_negative("sample.temperature", s.temperature, "use 0 (greedy) or a positive number")
     if s.top_k is not None and s.top_k < 1:
@@ -218,6 +242,46 @@ def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
     for key, value in tree.items():
         out.update(_flatten(value, f"{prefix}{key}." if isinstance(value, dict) else f"{prefix}{key}"))
     return out
+
+
+# Model keys a resumed run may change: how attention is computed, dropout, and the initialization
+# (a resumed model is not initialized). Everything else in model.* changes what the weights mean.
+_RESUMABLE_MODEL_KEYS = ("attn_impl", "emb_pdrop", "resid_pdrop", "attn_pdrop")
+
+
+def run_identity(cfg: TrainConfig, data_path: Path | None) -> dict[str, Any]:
+    """What a checkpoint must share with the run that continues it: the model, the optimizer whose
+    state it holds, and the data (tokenizer and the exact training shards). Recorded in every checkpoint."""
+    from mptlike.data import Manifest
+
+    model = {k: v for k, v in cfg.model.to_dict().items()
+             if k not in _RESUMABLE_MODEL_KEYS and not k.startswith(("init_", "emb_init_"))}
+    identity: dict[str, Any] = {f"model.{k}": v for k, v in model.items()}
+    identity["optim.name"] = str(cfg.optim.name)
+    if data_path is not None and (Path(data_path) / "manifest.json").is_file():
+        m = Manifest.load(data_path)
+        shards = hashlib.sha256("".join(s.sha256 for s in m.shards.get("train", [])).encode()).hexdigest()
+        identity.update({"data.tokenizer": m.tokenizer, "data.vocab_size": m.vocab_size, "data.eos_id": m.eos_id,
+                         "data.train_tokens": m.num_tokens.get("train", 0), "data.train_shards_sha256": shards})
+    return identity
+
+
+def check_same_run(cfg: TrainConfig, data_path: Path | None, checkpoint: Path) -> None:
+    """Refuse to continue `checkpoint` with another model, optimizer or data; reads, writes nothing."""
+    saved = read_train_state(checkpoint).get("identity")
+    if not saved:
+        return  # written before checkpoints recorded their run: nothing to compare
+    current = json.loads(json.dumps(run_identity(cfg, data_path)))  # as the checkpoint's JSON holds it
+    differ = [k for k in current if k in saved and saved[k] != current[k]]
+    if not differ:
+        return
+    shown = ", ".join(f"{k}={current[k]} (checkpoint: {saved[k]})" for k in differ[:3])
+    more = f" and {len(differ) - 3} more" if len(differ) > 3 else ""
+    raise MptlikeError(
+        f"{checkpoint} was written by another run than this config describes ({shown}{more}): restore those "
+        f"settings to continue it, or start a new run with another run_dir (init_from= can take its weights); "
+        f"nothing was changed"
+    )
 
 
 def check_run_dir_free(cfg: TrainConfig) -> None:
@@ -313,6 +377,8 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
         else:
             resume_from = resolve_resume(cfg.resume, cfg.run_dir, overwrite=cfg.checkpoint.overwrite)
             start_step = checkpoint_step(resume_from) if resume_from is not None else 0
+            if resume_from is not None:
+                check_same_run(cfg, None if data.needs_prepare else data.path, resume_from)
         if resume_from is None and not cfg.checkpoint.overwrite:
             check_run_dir_free(cfg)
         if cfg.init_from:

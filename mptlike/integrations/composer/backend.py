@@ -329,12 +329,16 @@ def _quiet_composer() -> None:
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
 
 
-def fit(plan: RunPlan) -> RunResult:
-    """Train as `plan` says with composer.Trainer; the steps around it are mptlike.train.run's."""
+def fit(plan: RunPlan, on_start: Callable[[], None] = lambda: None) -> RunResult:
+    """Train as `plan` says with composer.Trainer; the steps around it are mptlike.train.run's.
+
+    `on_start()` runs once the trainer is built and any checkpoint loaded, before step one.
+    """
     cfg = plan.cfg
     _quiet_composer()
     with _launcher_env(), Preemption() as preemption:
         trainer = build_composer_trainer(plan, preemption=preemption)
+        on_start()
         step = train_step_callback(trainer)
         try:
             started = time.perf_counter()
