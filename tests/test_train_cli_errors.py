@@ -23,6 +23,9 @@ def _run_main(capsys, args):
     "override, words",
     [
         ("trainer.max_stepz=10", ["unknown config key", "trainer.max_stepz"]),
+        ("+foo=1", ["unknown config key 'foo' (from +foo=1)"]),
+        ("+trainer.max_stepz=10", ["unknown config key 'trainer.max_stepz'"]),
+        ("+model.bar=2", ["unknown config key 'model.bar'"]),
         ("model.d_model=100", ["model.d_model=100", "model.n_heads=8"]),
         ("model.d_model=abc", ["model.d_model=abc", "Integer"]),
         ("trainer.global_batch_size=12", ["trainer.global_batch_size=12", "micro_batch_size"]),

@@ -99,6 +99,10 @@ class ParallelConfig:
     param_dtype: ParamDtype = ParamDtype("auto")  # FSDP2 compute dtype; auto follows trainer.precision
     reduce_dtype: ReduceDtype = ReduceDtype("fp32")  # gradient reduce-scatter dtype
     init: InitMode = InitMode("auto")  # how weights leave the meta device: see mptlike.parallel.materialize
+    # With gradient accumulation under FSDP2: false (default) reduce-scatters after every micro-batch,
+    # so a rank holds only its gradient shard; true reduce-scatters once, after the last micro-batch
+    # (less communication, but a full fp32 gradient of the whole model on every rank: small models only).
+    accumulate_unsharded: bool = False
 
 
 @dataclass
@@ -220,9 +224,33 @@ def compose_config(overrides: list[str], folder: Path | None = None) -> Any:
     _register_schema()
     try:
         with initialize_config_dir(config_dir=str(folder), version_base=None):
-            return compose(config_name="config", overrides=list(overrides))
+            cfg = compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
         raise MptlikeError(describe_config_error(exc)) from None
+    # Hydra opens the config for `+key=value`, so a key the schema lacks lands in it and would be
+    # dropped without a word when the dataclasses are built: refuse it here, like any unknown key.
+    unknown = _keys_outside_schema(cfg, TrainConfig)
+    if unknown:
+        given = next((o for o in overrides if o.lstrip("+~").split("=")[0] == unknown[0]), unknown[0])
+        raise MptlikeError(f"unknown config key '{unknown[0]}' (from {given}): check its spelling "
+                           f"(`mptlike-train --cfg` shows every key)")
+    return cfg
+
+
+def _keys_outside_schema(node: Any, schema: type, prefix: str = "") -> list[str]:
+    """Dotted keys of `node` that the dataclass `schema` (recursively) does not declare."""
+    import dataclasses
+    import typing
+
+    types = typing.get_type_hints(schema)  # resolves the string annotations of `from __future__`
+    out = []
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        if key not in types:
+            out.append(path)
+        elif dataclasses.is_dataclass(types[key]) and hasattr(node[key], "keys"):
+            out += _keys_outside_schema(node[key], types[key], f"{path}.")
+    return out
 
 
 def to_train_config(cfg: Any) -> TrainConfig:
