@@ -94,6 +94,14 @@ def test_checkpoint_without_a_known_tokenizer_asks_for_one(tmp_path, capsys):
     assert len(err) == 1 and "--tokenizer" in err[0] and "Traceback" not in err[0]
 
 
+def test_a_tokenizer_larger_than_the_model_is_refused_with_one_line(tmp_path, capsys):
+    # 257 byte-tokenizer ids, a model of 200: ids 200-256 would index past its embedding.
+    MPTForCausalLM(MPTConfig(d_model=32, n_heads=4, n_layers=1, vocab_size=200)).save_pretrained(tmp_path / "m")
+    assert main([str(tmp_path / "m"), "--tokenizer", "bytes", "--prompt", "a"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the tokenizer has 257 ids but the model only vocab_size=200" in err[0]
+
+
 @pytest.mark.parametrize("flag,value", [("--top-p", "0"), ("--temperature", "-1"), ("--top-k", "-2")])
 def test_invalid_sampling_settings_fail_with_one_line(run_dir, capsys, flag, value):
     assert main([str(run_dir), flag, value]) == 2

@@ -75,3 +75,33 @@ def test_byte_tokenizer_batch_matches_single_encode():
     tok = ByteTokenizer()
     texts = ["abc", "", "é"]
     assert [a.tolist() for a in tok.encode_batch(texts)] == [tok.encode(t) for t in texts]
+
+
+def test_ctrl_c_stops_bpe_training_at_once():
+    """The Rust trainer runs for seconds here (minutes on a real corpus); Ctrl-C must not wait for it."""
+    import os
+    import random
+    import signal
+    import threading
+    import time
+
+    import pytest
+
+    from mptlike.data.tokenizer import train_bpe
+
+    rng = random.Random(0)
+    words = ["".join(rng.choice("abcdefghijklmnop") for _ in range(rng.randint(3, 14))) for _ in range(100000)]
+    texts = [" ".join(rng.sample(words, 40)) for _ in range(40000)]  # ~8 s of training on 2 cores
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()
+    start = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        train_bpe(texts, 60000)
+    assert time.monotonic() - start < 3
+
+
+def test_a_bpe_smaller_than_asked_says_so(caplog):
+    from mptlike.data.tokenizer import train_bpe
+
+    tok = train_bpe(["the cat sat on the mat"] * 10, 70000)
+    assert tok.vocab_size < 70000
+    assert any("yields only" in r.getMessage() and str(tok.vocab_size) in r.getMessage() for r in caplog.records)

@@ -136,6 +136,11 @@ def generate(args: argparse.Namespace) -> int:
     ckpt = read_checkpoint(args.checkpoint)
     cfg = ckpt.config
     tokenizer = _tokenizer_source(args, ckpt.tokenizer, args.checkpoint).load()
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise MptlikeError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model only vocab_size={cfg.vocab_size}: pass the "
+            "tokenizer the model was trained with (--tokenizer)"
+        )
     prompt_ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eos_id]
     too_big = [i for i in prompt_ids if i >= cfg.vocab_size]
     if too_big:

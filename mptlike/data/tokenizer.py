@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -113,7 +114,26 @@ def train_bpe(texts: Iterable[str], vocab_size: int) -> HFTokenizer:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer)
+    # The Rust trainer does not return to Python for minutes on a large corpus, so Ctrl-C would wait
+    # for it: train in a daemon thread and wait here, where a KeyboardInterrupt ends the wait at once.
+    failure: list[BaseException] = []
+
+    def work() -> None:
+        try:
+            tok.train_from_iterator(texts, trainer)
+        except BaseException as exc:  # re-raised in the caller's thread
+            failure.append(exc)
+
+    worker = threading.Thread(target=work, name="bpe-training", daemon=True)
+    worker.start()
+    while worker.is_alive():
+        worker.join(0.2)
+    if failure:
+        raise failure[0]
+    built = tok.get_vocab_size()
+    if built < vocab_size:
+        log.warning("bpe:%d: the corpus yields only %d ids (BPE stops when no pair of symbols repeats); the "
+                    "manifest records vocab_size %d", vocab_size, built, built)
     return HFTokenizer(tok, f"bpe:{vocab_size}", tok.token_to_id(BPE_EOS))
 
 

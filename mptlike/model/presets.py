@@ -26,3 +26,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mpt-30b": dict(d_model=7168, n_heads=64, n_layers=48, max_seq_len=8192, vocab_size=_PUBLISHED_VOCAB),
     "mpt-70b": dict(d_model=8192, n_heads=64, n_layers=80, max_seq_len=2048, vocab_size=_NEOX_VOCAB),
 }
+
+
+if __name__ == "__main__":
+    raise SystemExit("mptlike.model.presets: the conf/model writer moved: python -m mptlike.model.conf_files "
+                     "--write-conf conf/model")
