@@ -21,3 +21,7 @@ export PYTORCH_CUDA_ALLOC_CONF="${PYTORCH_CUDA_ALLOC_CONF:-expandable_segments:T
 # logger.mode=offline); sync later from a login node with `wandb sync RUN_DIR/wandb/offline-run-*`.
 # Tokenizers must not fork thread pools into data-loader workers.
 export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
+# How long torchrun lets its workers finish after it forwards SIGTERM/SIGINT before it kills them:
+# the step in flight plus the preemption checkpoint must fit (torch releases with
+# `torchrun --shutdown-timeout` read it; older ones wait a fixed 30 s).
+export TORCH_ELASTIC_SHUTDOWN_TIMEOUT="${TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-270}"

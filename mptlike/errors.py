@@ -11,7 +11,7 @@ class MptlikeError(ValueError):
 
 EXIT_USAGE = 2  # bad input: a config key, a file, a value (one line on stderr)
 EXIT_PREEMPTED = 3  # stopped by SIGTERM, SIGUSR1 or SIGINT after writing a complete checkpoint
-EXIT_INTERRUPTED = 130  # Ctrl-C before training started: nothing to checkpoint yet
+EXIT_INTERRUPTED = 130  # a signal (or Ctrl-C) before training started: nothing to checkpoint yet
 
 
 def short_error(exc: BaseException) -> str:

@@ -1,8 +1,11 @@
 """Writing files and folders so that a reader sees the old version or the new one, never a torn one.
 
-Every run-folder file and every output folder in mptlike goes through these two functions: the
-content is written under a hidden temporary name in the same folder (so the rename cannot cross
-file systems), flushed to disk, then renamed over the target in one step.
+The run folder's files (config, metrics, events, checkpoint metadata, final/) and the data folder's
+manifest and tokenizer go through these two functions: the content is written under a hidden
+temporary name in the same folder (so the rename cannot cross file systems), flushed to disk, then
+renamed over the target in one step. Two writers keep their own: the model's save_pretrained (the
+model layer imports nothing but torch) and mptlike-convert's output folder (a random staging name,
+so a user's own `OUT.old` is never touched).
 """
 
 from __future__ import annotations

@@ -40,9 +40,10 @@ def finished(corpus, tmp_path_factory):
 
 
 def snapshot(folder):
-    """Every file under `folder` with its bytes' digest: equal snapshots mean nothing was touched."""
+    """Every file under `folder` with its bytes' digest: equal snapshots mean nothing was touched (the
+    lock file says who holds the folder, so it changes whenever a run got as far as taking it)."""
     return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+            for p in sorted(Path(folder).rglob("*")) if p.is_file() and p.name != LOCK}
 
 
 def one_error_line(capsys):
@@ -288,3 +289,19 @@ def test_a_nearly_full_disk_prunes_before_writing_and_the_run_completes(caplog, 
     reference = tmp_path / "reference"
     assert main(args(corpus, reference, "checkpoint.every_n_steps=2", "checkpoint.keep_last=2")) == 0
     assert losses(run_dir) == losses(reference)
+
+
+def test_an_older_checkpoint_without_a_recorded_run_that_does_not_fit_is_one_line(capsys, corpus, finished,
+                                                                                  tmp_path):
+    """Checkpoints written before they recorded their run: the mismatch shows when the tensors load."""
+    run_dir = copy_run(finished, tmp_path / "run")
+    ckpt = run_dir / "checkpoints" / "step-0000006"
+    state = json.loads((ckpt / "train_state.json").read_text())
+    del state["identity"]
+    (ckpt / "train_state.json").write_text(json.dumps(state))
+    (ckpt / "COMPLETE").write_text(json.dumps({"step": 6, "world_size": 1}))  # the old marker: no inventory
+    before = snapshot(run_dir)
+    assert main(args(corpus, run_dir, "model.d_model=32", "trainer.max_steps=8")) == 2
+    line = one_error_line(capsys)
+    assert f"{ckpt} does not load into this model and optimizer" in line
+    assert snapshot(run_dir) == before

@@ -7,6 +7,7 @@ MPTLIKE_FAULTS (mptlike.train.faults) at a given step and rank, which reaches th
 """
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -26,9 +27,11 @@ def corpus(tmp_path_factory):
 
 
 def args(corpus, run_dir, *extra):
-    # Checkpoints every 4 steps: a preemption checkpoint falls between them.
+    # Checkpoints every 4 steps: a preemption checkpoint falls between them. Dropout on, so the RNG
+    # state must resume exactly too.
     return tiny_args(corpus, run_dir, f"trainer.max_steps={STEPS}", "checkpoint.every_n_steps=4",
-                     "eval.every_n_steps=0", "eval.at_end=false", "debug.log_sample_ids=true", *extra)
+                     "eval.every_n_steps=0", "eval.at_end=false", "debug.log_sample_ids=true",
+                     "model.resid_pdrop=0.1", "model.emb_pdrop=0.1", *extra)
 
 
 def single(cmd_args, faults="", **popen):
@@ -114,6 +117,52 @@ def test_sigterm_from_outside_at_any_moment_loses_no_step(corpus, uninterrupted,
     code, _, err = finish(single(args(corpus, run_dir)))
     assert code == 0, err[-3000:]
     assert_same_history(run_dir, uninterrupted)
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_process_group_with_data_workers_checkpoints_and_resumes_exactly(corpus, uninterrupted,
+                                                                                         tmp_path):
+    """What SLURM's scancel and a terminal's Ctrl-C do: every process of the group gets the signal,
+    the DataLoader's worker processes included; they must leave the decision to the trainer."""
+    run_dir = tmp_path / "run"
+    proc = single(args(corpus, run_dir, "data.num_workers=2"), start_new_session=True)
+    samples = run_dir / "samples.jsonl"
+    deadline = time.monotonic() + 120
+    while not (samples.is_file() and len(samples.read_text().splitlines()) >= 2):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read()[-3000:]
+        time.sleep(0.01)
+    os.killpg(proc.pid, signal.SIGTERM)
+    code, _, err = finish(proc)
+    step = assert_preempted(code, err, run_dir)
+    code, _, err = finish(single(args(corpus, run_dir, "data.num_workers=2")))
+    assert code == 0, err[-3000:]
+    assert step < STEPS
+    assert_same_history(run_dir, uninterrupted)
+
+
+@pytest.mark.slow
+def test_a_signal_during_setup_stops_at_once_and_writes_nothing(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    code, _, err = finish(single(args(corpus, run_dir), faults="signal_at_step=0,signal=TERM"))
+    assert code == 130, err[-3000:]
+    lines = [line for line in err.splitlines() if line.startswith("mptlike-train:")]
+    assert lines == ["mptlike-train: stopped by SIGTERM before training started: nothing was trained; run the same "
+                     "command again to start"]
+    assert "Traceback" not in err
+    assert not (run_dir / "config.yaml").exists() and not (run_dir / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_resuming_an_older_step_then_preempting_names_the_new_checkpoint(corpus, tmp_path):
+    run_dir = tmp_path / "run"
+    code, _, err = finish(single(args(corpus, run_dir)))  # checkpoints after steps 4 and 8
+    assert code == 0, err[-3000:]
+    older = run_dir / "checkpoints" / "step-0000004"
+    code, _, err = finish(single(args(corpus, run_dir, f"resume={older}"), faults="signal_at_step=6,signal=TERM"))
+    assert assert_preempted(code, err, run_dir) == 6  # step-0000006, not the abandoned step-0000008
+    # The newer checkpoint of the abandoned path is set aside, so resume=auto cannot jump onto it.
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["abandoned", "step-0000004", "step-0000006"]
+    assert [p.name.split("-2")[0] for p in (run_dir / "checkpoints" / "abandoned").iterdir()] == ["step-0000008"]
 
 
 @pytest.mark.slow

@@ -9,6 +9,7 @@ continues exactly where the old one stopped.
 from __future__ import annotations
 
 import logging
+import signal
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -65,6 +66,13 @@ class _BatchFetch(Dataset):
 
     def __len__(self) -> int:
         return len(self.dataset)
+
+
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Worker processes take no part in stopping: the training process decides (a SIGTERM sent to the
+    whole process group, as SLURM and Ctrl-C do, would otherwise kill the workers mid-batch)."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def _identity(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -131,6 +139,10 @@ class ResumableLoader:
             num_workers=self.num_workers,
             pin_memory=self.pin_memory and torch.cuda.is_available(),
             collate_fn=_identity,
+            worker_init_fn=_ignore_stop_signals if self.num_workers else None,
+            # Without a generator of its own, every iter() draws a seed from the global RNG: a resumed
+            # run (or a rollback) would draw once more than the uninterrupted one and dropout would differ.
+            generator=torch.Generator(),
         )
         for i, batch in enumerate(loader):
             if (i + 1) % self.accumulation_steps == 0:

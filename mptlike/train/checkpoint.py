@@ -50,6 +50,7 @@ from mptlike.train.layout import CHECKPOINTS
 log = logging.getLogger(__name__)
 
 COMPLETE = "COMPLETE"
+ABANDONED = "abandoned"  # under checkpoints/: step folders newer than an older step a run resumed from
 TRAIN_STATE = "train_state.json"
 _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 
@@ -148,6 +149,23 @@ def intact_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
         else:
             log.warning("skipping damaged checkpoint %s: %s", path, problem)
     return intact
+
+
+def set_aside_newer(run_dir: str | os.PathLike, step: int) -> None:
+    """Move step-N folders with N > `step` into checkpoints/abandoned/ (rank 0, when a run resumes
+    from an older step): they belong to a trajectory this run leaves, and must be neither resumed
+    (resume=auto takes the newest) nor counted by keep_last."""
+    root = checkpoints_dir(run_dir)
+    if not root.is_dir():
+        return
+    for path in sorted(root.iterdir()):
+        match = _STEP_DIR.match(path.name.removesuffix(".tmp"))
+        if match and int(match.group(1)) > step:
+            aside = root / ABANDONED / f"{path.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+            aside.parent.mkdir(exist_ok=True)
+            os.replace(path, aside)
+            log.warning("resuming at step %d: %s is newer and belongs to the run's abandoned path; moved to %s",
+                        step, path, aside)
 
 
 def has_checkpoints(run_dir: str | os.PathLike) -> bool:
@@ -263,6 +281,17 @@ def _disk_full(exc: BaseException | None, depth: int = 0) -> bool:
     return False
 
 
+def _rank_failure(exc: BaseException) -> BaseException:
+    """The first rank's own exception inside DCP's CheckpointException (whose text is a traceback)."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = next(iter(failures.values()))
+        inner = inner[0] if isinstance(inner, tuple) else inner
+        if isinstance(inner, BaseException):
+            return inner
+    return exc
+
+
 def _any_rank_failed(failed: bool) -> bool:
     if not _distributed():
         return failed
@@ -301,6 +330,7 @@ class Checkpointer:
         self.every_n_steps = every_n_steps
         self.keep_last = keep_last
         self.last_saved_step = -1
+        self.last_path: Path | None = None  # the checkpoint folder the last completed save wrote
         self._pending: _Pending | None = None
         self._async_group: Any = False  # False: synchronous saves; else the process group async saves use
         if async_save:
@@ -311,9 +341,9 @@ class Checkpointer:
     def due(self, step: int) -> bool:
         return bool(self.every_n_steps) and step % self.every_n_steps == 0
 
-    def newest(self) -> Path | None:
-        """The newest intact checkpoint (damaged ones are skipped with a warning)."""
-        found = intact_checkpoints(self.run_dir)
+    def newest(self, at_most: int | None = None) -> Path | None:
+        """The newest intact checkpoint (of step `at_most` or earlier); damaged ones are skipped with a warning."""
+        found = [(step, path) for step, path in intact_checkpoints(self.run_dir) if at_most is None or step <= at_most]
         return found[-1][1] if found else None
 
     def save(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
@@ -407,6 +437,7 @@ class Checkpointer:
             self._prune()
         _barrier()
         log.info("step %d: checkpoint %s", pending.step, pending.final)
+        self.last_path = pending.final
         return pending.final
 
     def _make_room(self, root: Path) -> None:
@@ -453,7 +484,16 @@ class Checkpointer:
         Returns the whole train state (step, world_size, every component's entry).
         """
         self.wait()
-        load_model_and_optimizer(path, model, optimizer)
+        from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
+
+        try:
+            load_model_and_optimizer(path, model, optimizer)
+        except (Exception, CheckpointException) as exc:  # a shape or key mismatch, a damaged shard
+            raise MptlikeError(
+                f"{path} does not load into this model and optimizer ({short_error(_rank_failure(exc))}): resume it "
+                f"with the "
+                f"model and optim.name it was written with, or start a new run_dir"
+            ) from None
         state = read_train_state(path)
         for name, component in components.items():
             component.load_state_dict(state[name])

@@ -13,6 +13,7 @@ import warnings
 from collections.abc import Sequence
 
 from mptlike.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, MptlikeError
+from mptlike.train.signals import StoppedBeforeStart
 
 PROG = "mptlike-train"
 USAGE = f"""usage: {PROG} [--help] [--cfg] [--dry-run] [GROUP=OPTION ...] [KEY=VALUE ...]
@@ -170,9 +171,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except MptlikeError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        # Ctrl-C before the loop took over the signals (setup, data preparation): no step was trained.
-        print(f"{PROG}: interrupted before training started; nothing was trained", file=sys.stderr)
+    except (KeyboardInterrupt, StoppedBeforeStart) as exc:
+        # A signal before the first step (data preparation, rendezvous, building, loading): nothing was
+        # trained, so nothing needed saving; config.yaml is not written before training starts.
+        name = getattr(exc, "signal_name", "SIGINT")
+        print(f"{PROG}: stopped by {name} before training started: nothing was trained; run the same command "
+              "again to start", file=sys.stderr)
         return EXIT_INTERRUPTED
     if result.preempted_by is not None:
         if result.is_rank_zero:

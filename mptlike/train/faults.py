@@ -9,6 +9,7 @@ point a test cannot reach from outside. Those points ask this module; users neve
                                                    (the Lightning backend's Checkpointer)
     MPTLIKE_FAULTS="signal_at_step=3,signal=TERM,signal_rank=1"
                                                    as step 3 starts, that rank sends itself the signal
+                                                   (signal_at_step=0: during setup, before step 1)
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ ENV = "MPTLIKE_FAULTS"
 class Faults:
     nan_at_step: int = 0
     checkpoint_delay_s: float = 0.0
-    signal_at_step: int = 0
+    signal_at_step: int = -1  # -1: never
     signal: str = "TERM"
     signal_rank: int = 0
 
@@ -36,7 +37,7 @@ class Faults:
 
     def maybe_signal(self, step: int, rank: int) -> None:
         """A real signal, delivered by the OS to this process, as step `signal_at_step` starts."""
-        if self.signal_at_step and step == self.signal_at_step and rank == self.signal_rank:
+        if step == self.signal_at_step and rank == self.signal_rank:
             os.kill(os.getpid(), getattr(signal_module, "SIG" + self.signal))
 
 

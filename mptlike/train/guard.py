@@ -60,20 +60,24 @@ def describe_ids(ids: list[int]) -> str:
     return f"[{shown}{more}]"
 
 
-def stop_message(step: int, loss: float, grad_norm: float, ids: list[int], reason: str) -> str:
+def stop_message(step: int, loss: float, grad_norm: float, ids: list[int], reason: str,
+                 policies: str = "skip|rollback") -> str:
     return (
         f"step {step}: non-finite loss {loss} or gradient norm {grad_norm} on the global batch of samples "
         f"{describe_ids(ids)}; {reason}; stopped before the optimizer step (the last checkpoint and the "
         f"weights are finite): lower optim.lr, raise optim.warmup_steps, inspect those samples, or set "
-        f"guard.nonfinite=skip|rollback"
+        f"guard.nonfinite={policies}"
     )
 
 
 class NonFiniteGuard:
     """Decides stop | skip | rollback for a non-finite step; its state travels in every checkpoint."""
 
-    def __init__(self, policy: str, max_skips: int, run_dir: Path | None) -> None:
-        self.policy = str(getattr(policy, "value", policy))
+    def __init__(self, policy: str, max_skips: int, run_dir: Path | None, *,
+                 policies: tuple[str, ...] = ("stop", "skip", "rollback")) -> None:
+        self.policy = str(policy)
+        # The policies the backend offers; a stop names the others as the way out.
+        self.other_policies = "|".join(p for p in policies if p != "stop")
         self.max_skips = max_skips
         self.events_file = run_dir / GUARD_EVENTS if run_dir is not None else None  # None: not rank 0
         self.events = 0  # skip/rollback events so far
@@ -105,7 +109,7 @@ class NonFiniteGuard:
             append_jsonl(self.events_file, {"step": step, "loss": repr(loss), "grad_norm": repr(grad_norm),
                                             "action": policy, "stream_position": position, "samples": ids})
         if policy == "stop":
-            raise NonFiniteError(stop_message(step, loss, grad_norm, ids, reason))
+            raise NonFiniteError(stop_message(step, loss, grad_norm, ids, reason, self.other_policies))
         self.events += 1
         if policy == "rollback":
             self.skip_positions.add(position)

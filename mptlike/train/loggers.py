@@ -174,7 +174,9 @@ class Loggers:
             sink.truncate(step)
 
     def close(self) -> None:
-        for sink in self.sinks:
+        """Close every sink once; a second call does nothing."""
+        sinks, self.sinks = self.sinks, []
+        for sink in sinks:
             sink.close()
 
 

@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from mptlike.data import Manifest, TokenDataset, build_loader
@@ -42,6 +41,7 @@ from mptlike.train.redact import redact
 from mptlike.train.result import RunResult
 from mptlike.train.schedule import LRScheduler
 from mptlike.train.signals import OTHER_RANK, Preemption
+from mptlike.train.step import reduce_and_clip
 from mptlike.train.throughput import ThroughputMeter
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def build_model(plan: RunPlan, fabric) -> MPTForCausalLM:
 
 
 def train_step(model: nn.Module, batches, fabric, *, accumulation: int, grad_clip: float, poisoned: bool,
-               stop_requested: bool) -> tuple[float, float, bool]:
+               stop_requested: Callable[[], bool]) -> tuple[float, float, bool]:
     """Forward/backward over this rank's micro-batches of one global batch, then clip.
 
     Returns (mean loss over the global batch, gradient norm before clipping, whether any rank was
@@ -117,20 +117,9 @@ def train_step(model: nn.Module, batches, fabric, *, accumulation: int, grad_cli
             loss = loss * float("nan")
         fabric.backward(loss / accumulation)
         loss_sum += loss.detach().float()
-    # One all-reduce carries the loss and whether any rank was signalled, so all stop at this step.
-    packed = torch.stack([loss_sum / accumulation, torch.tensor(float(stop_requested), device=fabric.device)])
-    if fabric.world_size > 1:
-        dist.all_reduce(packed)
-        packed[0] /= fabric.world_size
-    params = [p for p in model.parameters() if p.grad is not None]
-    if grad_clip > 0:
-        norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    else:
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    # Under FSDP2 the norm is a DTensor holding partial sums: full_tensor() all-reduces it.
-    norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    loss_value, stop = packed.tolist()  # a CPU-GPU sync point, once per step
-    return loss_value, norm.item(), stop > 0
+    # The flag is read as late as possible: a signal during this step's forward/backward stops after it.
+    return reduce_and_clip(model, loss_sum, micro_batches=accumulation, stop_requested=stop_requested(),
+                           grad_clip=grad_clip)
 
 
 def open_val_split(plan: RunPlan) -> TokenDataset | None:
@@ -236,7 +225,7 @@ class Run:
     def rollback(self, position: int):
         """Reload the newest complete checkpoint; returns a fresh iterator over the loader."""
         self.checkpointer.wait()
-        newest = self.checkpointer.newest()
+        newest = self.checkpointer.newest(at_most=self.progress.step)
         if newest is None:
             raise self.guard.no_checkpoint_to_roll_back_to(self.progress.step + 1, self.sample_ids(position))
         # The guard keeps its newer state: the event just counted and the position to pass over.
@@ -292,25 +281,26 @@ class Run:
                 self.save()
         self.checkpointer.wait()
         if preempted_by is not None:
-            checkpoint = self.checkpointer.newest()
+            checkpoint = self.checkpointer.last_path
         else:
             if trained and cfg.eval.at_end:
                 self.evaluate()
             if cfg.checkpoint.export_final or cfg.sample.max_new_tokens:
                 export_dir, sample = export_and_sample(self.model, self.plan)
-        self.loggers.close()
         return RunResult(final_step=step, steps_run=step - self.start_step, wall_seconds=wall_seconds,
                          first_loss=self.first_loss, last_loss=self.last_loss, val=self.val, export_dir=export_dir,
                          sample=sample, is_rank_zero=self.rank_zero, preempted_by=preempted_by, checkpoint=checkpoint)
 
 
-def fit(plan: RunPlan, on_start: Callable[[], None] = lambda: None) -> RunResult:
-    """Train as `plan` says; `on_start()` runs once everything is built and loaded, before step one."""
+def fit(plan: RunPlan, *, on_start: Callable[[], None], preemption: Preemption) -> RunResult:
+    """Train as `plan` says. `on_start()` runs once everything is built and loaded, before step one;
+    `preemption` (entered by mptlike.train.run) says whether a signal asked the run to stop."""
     cfg, max_steps = plan.cfg, plan.cfg.trainer.max_steps
     fabric = build_fabric(plan)
     fabric.launch()
-    with Preemption() as preemption:
-        run = Run(plan, fabric)
+    run = Run(plan, fabric)
+    try:
+        faults.active().maybe_signal(0, run.rank)  # "during setup", for the tests
         on_start()
         started = time.perf_counter()
         stop = False
@@ -322,7 +312,7 @@ def fit(plan: RunPlan, on_start: Callable[[], None] = lambda: None) -> RunResult
             loss, grad_norm, stop = train_step(
                 run.model, batches, fabric, accumulation=plan.accumulation_steps, grad_clip=cfg.optim.grad_clip,
                 poisoned=faults.active().poisons(position, cfg.trainer.global_batch_size),
-                stop_requested=preemption.requested is not None)
+                stop_requested=lambda: preemption.requested is not None)
             action = run.check(loss=loss, grad_norm=grad_norm, position=position)
             if action is Action.STEP:
                 run.optimizer.step()
@@ -344,3 +334,5 @@ def fit(plan: RunPlan, on_start: Callable[[], None] = lambda: None) -> RunResult
                 run.save()
         preempted_by = (preemption.requested or OTHER_RANK) if stop else None
         return run.finish(preempted_by=preempted_by, wall_seconds=time.perf_counter() - started)
+    finally:
+        run.loggers.close()  # also on an error: W&B flushes its offline file, the progress bar ends

@@ -6,6 +6,7 @@ one sentence instead of after minutes of startup on many nodes.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -384,7 +385,8 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
         if cfg.init_from:
             init_from = check_init_from(cfg.init_from, model)
         if data.is_default_corpus and cfg.data.path is None:
-            cfg.data.path = str(data.path)
+            # The plan's own copy names the folder (config.yaml records it); the caller's cfg is left as given.
+            cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, path=str(data.path)))
     plan = RunPlan(
         cfg=cfg,
         config_dict=config_to_dict(cfg),

@@ -4,7 +4,8 @@
     prepare the default corpus if it is missing (once per machine, under a file lock)
     stop early when the checkpoint already reached trainer.max_steps (and final/ was written)
     train: mptlike.train.loop.fit (Lightning Fabric) or the Composer backend; once its setup
-      succeeded it calls start_run_dir: delete old checkpoints when asked, write config.yaml
+      succeeded it calls on_start: delete old checkpoints when asked, write config.yaml, and arm
+      the signals (before that a signal stops the run at once; after it, with a checkpoint)
     tear down the process group (after a barrier when training ended normally)
 """
 
@@ -17,7 +18,6 @@ import logging
 import os
 import shutil
 import socket
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,11 +29,12 @@ from mptlike.errors import MptlikeError, short_error
 from mptlike.files import atomic_write
 from mptlike.model import MPTForCausalLM
 from mptlike.model.mpt import CONFIG_NAME
-from mptlike.train.checkpoint import checkpoints_dir
+from mptlike.train.checkpoint import checkpoints_dir, set_aside_newer
 from mptlike.train.layout import CONFIG, FINAL, LOCK
 from mptlike.train.plan import RunPlan, check_data
 from mptlike.train.redact import redact
 from mptlike.train.result import RunResult
+from mptlike.train.signals import Preemption
 
 log = logging.getLogger(__name__)
 
@@ -118,13 +119,25 @@ def start_run_dir(plan: RunPlan) -> None:
     if str(plan.cfg.resume) == "never" and plan.cfg.checkpoint.overwrite and old.exists():
         log.warning("checkpoint.overwrite=true: deleting %s", old)
         shutil.rmtree(old)
+    if plan.resume_from is not None and str(plan.cfg.trainer.backend) == "lightning":
+        set_aside_newer(plan.run_dir, plan.start_step)
     write_config(plan)
+
+
+def _teardown(*, clean: bool) -> None:
+    if dist.is_available() and dist.is_initialized():
+        if clean:
+            # Without this barrier a fast rank can tear down the process group while a slow one talks.
+            dist.barrier()
+        dist.destroy_process_group()
 
 
 def run(plan: RunPlan) -> RunResult:
     cfg = plan.cfg
     rank_zero = plan.world.rank == 0
-    with run_dir_lock(plan.run_dir) if rank_zero else contextlib.nullcontext():
+    # The signals are ours from here to the end of teardown (see mptlike.train.signals); the
+    # process's own handlers come back when run() returns.
+    with Preemption() as preemption, run_dir_lock(plan.run_dir) if rank_zero else contextlib.nullcontext():
         plan = ensure_data(plan)
         composer = str(cfg.trainer.backend) == "composer"
         export_missing = cfg.checkpoint.export_final and not (plan.run_dir / FINAL / CONFIG_NAME).is_file()
@@ -141,11 +154,15 @@ def run(plan: RunPlan) -> RunResult:
             # Also when the steps are done but final/ is missing (a full disk during the export):
             # the loop then trains nothing and writes the export.
             from mptlike.train.loop import fit
+
+        def on_start() -> None:
+            start_run_dir(plan)
+            preemption.arm()
+
         try:
-            return fit(plan, on_start=lambda: start_run_dir(plan))
-        finally:
-            if dist.is_available() and dist.is_initialized():
-                if sys.exc_info()[0] is None:
-                    # Without this barrier a fast rank can tear down the process group while a slow one talks.
-                    dist.barrier()
-                dist.destroy_process_group()
+            result = fit(plan, on_start=on_start, preemption=preemption)
+        except BaseException:
+            _teardown(clean=False)
+            raise
+        _teardown(clean=True)
+        return result

@@ -239,7 +239,8 @@ def build_composer_trainer(
                             world_size=world.world_size, device=device)
     step = TrainStep(
         loader=loader,
-        guard=NonFiniteGuard(cfg.guard.nonfinite, cfg.guard.max_skips, plan.run_dir if rank_zero else None),
+        guard=NonFiniteGuard(cfg.guard.nonfinite, cfg.guard.max_skips, plan.run_dir if rank_zero else None,
+                             policies=("stop", "skip")),  # Composer cannot roll back mid-fit
         meter=meter,
         preemption=preemption or Preemption(),  # never entered: no signal changes anything
         grad_clip=o.grad_clip,
@@ -329,14 +330,15 @@ def _quiet_composer() -> None:
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
 
 
-def fit(plan: RunPlan, on_start: Callable[[], None] = lambda: None) -> RunResult:
+def fit(plan: RunPlan, *, on_start: Callable[[], None], preemption: Preemption) -> RunResult:
     """Train as `plan` says with composer.Trainer; the steps around it are mptlike.train.run's.
 
-    `on_start()` runs once the trainer is built and any checkpoint loaded, before step one.
+    `on_start()` runs once the trainer is built and any checkpoint loaded, before step one;
+    `preemption` (entered by mptlike.train.run) says whether a signal asked the run to stop.
     """
     cfg = plan.cfg
     _quiet_composer()
-    with _launcher_env(), Preemption() as preemption:
+    with _launcher_env():
         trainer = build_composer_trainer(plan, preemption=preemption)
         on_start()
         step = train_step_callback(trainer)

@@ -25,7 +25,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as torch_dist
 from composer.callbacks import CheckpointSaver
 from composer.core import Callback, Event, State
 from composer.loggers import Logger, LoggerDestination
@@ -39,6 +38,7 @@ from mptlike.train import faults
 from mptlike.train.guard import Action, NonFiniteGuard, append_jsonl, batch_sample_ids
 from mptlike.train.loggers import Loggers
 from mptlike.train.signals import Preemption
+from mptlike.train.step import reduce_and_clip
 from mptlike.train.throughput import ThroughputMeter
 
 log = logging.getLogger(__name__)
@@ -102,29 +102,15 @@ class TrainStep(Callback):
         self._micro_batches += 1
 
     def after_train_batch(self, state: State, logger: Logger) -> None:
-        # One all-reduce carries the loss and whether any rank was signalled, so all stop at this step.
-        device = self._loss_sum.device
-        packed = torch.stack([self._loss_sum / self._micro_batches,
-                              torch.tensor(float(self.preemption.requested is not None), device=device)])
-        world = dist.get_world_size()
-        if world > 1:
-            torch_dist.all_reduce(packed)
-            packed[0] /= world
-        params = [p for p in state.model.parameters() if p.grad is not None]
-        if self.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        # Under FSDP2 the norm is a DTensor holding partial sums: full_tensor() all-reduces it.
-        norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-        self._loss, stop = packed.tolist()  # a CPU-GPU sync point, once per step
-        self._grad_norm = norm.item()
+        self._loss, self._grad_norm, stop = reduce_and_clip(
+            state.model, self._loss_sum, micro_batches=self._micro_batches,
+            stop_requested=self.preemption.requested is not None, grad_clip=self.grad_clip)
         step = int(state.timestamp.batch) + 1
         self._action = self.guard.check(step=step, loss=self._loss, grad_norm=self._grad_norm,
                                         position=self._position, ids_of=self._ids_of)
         if self._action is not Action.STEP:
             logger.log_metrics({"guard/nonfinite_step": 1.0}, step=step)
-            for p in params:
+            for p in state.model.parameters():
                 p.grad = None  # Composer steps the optimizer next: with no gradients it changes nothing
         # A signal at the last step: the run ends normally, with its export.
         self.stopping = stop > 0 and step < self.max_steps
