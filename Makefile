@@ -10,7 +10,7 @@ VENV ?= .venv
 TORCH ?= torch==2.13.0
 BIN := $(VENV)/bin
 
-.PHONY: train test lint install install-dev bench clean composer-env test-composer
+.PHONY: train test lint install install-dev bench clean composer-env test-composer gpu-check
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,15 @@ test: $(VENV)/.dev
 # ruff, configured in pyproject.toml ([tool.ruff]); CI runs it after the tests.
 lint: $(VENV)/.dev
 	$(BIN)/ruff check .
+
+# One prepared GPU check (benchmarks/gpu_check.py): environment, bf16 matmul ceiling, attention
+# correctness and timings, training throughput, the GPU tests and the memory estimate, each stage in
+# its own process under its own time limit, 8 minutes in all. Writes summary.md, gpu_check.json and
+# gpu_check.log under $OUT (else runs/gpu-check). Needs only a Python with torch: a bare GPU machine
+# has no .venv, so plain python3 runs it there.
+GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
+gpu-check:
+	$(GPU_CHECK_PYTHON) benchmarks/gpu_check.py --out "$(or $(OUT),runs/gpu-check)"
 
 # MosaicML Composer 0.32 (its last release) needs torch >= 2.6, < 2.7.1 and torchvision, so it
 # gets its own environment. The stamp names the pins and pyproject.toml's hash: an environment

@@ -13,7 +13,7 @@ from typing import Any
 
 from mptlike.errors import MptlikeError
 from mptlike.model.presets import PRESETS
-from mptlike.ops.attention import ATTN_IMPLS
+from mptlike.ops.attention import ATTN_CHOICES
 
 INIT_NAMES = ("kaiming_normal_", "kaiming_uniform_", "baseline_", "small_init_", "neox_init_")
 INIT_NONLINEARITIES = ("relu", "linear", "leaky_relu", "tanh", "selu")
@@ -50,7 +50,9 @@ class MPTConfig:
     qk_ln: bool = False
     clip_qkv: float | None = None
     softmax_scale: float | None = None  # None: 1/sqrt(head_dim)
-    attn_impl: str = "sdpa"
+    # auto: the fastest correct backend on the device it runs on (mptlike.ops.attention.resolve_attn_impl:
+    # triton on CUDA when installed, else flex, else sdpa; sdpa on CPU), or one of torch | sdpa | flex | flash | triton.
+    attn_impl: str = "auto"
     attn_uses_sequence_id: bool = False  # packed documents do not attend across EOS boundaries
     # Initialization (llm-foundry's init_config).
     init_name: str = "kaiming_normal_"
@@ -104,8 +106,8 @@ class MPTConfig:
             _fail("clip_qkv", self.clip_qkv, "use null or a positive number such as 8")
         if self.softmax_scale is not None and not self.softmax_scale > 0:
             _fail("softmax_scale", self.softmax_scale, "use null (1/sqrt(head_dim)) or a positive number")
-        if self.attn_impl not in ATTN_IMPLS:
-            _fail("attn_impl", self.attn_impl, f"choose one of {', '.join(ATTN_IMPLS)}")
+        if self.attn_impl not in ATTN_CHOICES:
+            _fail("attn_impl", self.attn_impl, f"choose one of {', '.join(ATTN_CHOICES)}")
         if self.init_name not in INIT_NAMES:
             _fail("init_name", self.init_name, f"choose one of {', '.join(INIT_NAMES)}")
         if self.init_nonlinearity not in INIT_NONLINEARITIES:

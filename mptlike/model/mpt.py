@@ -26,7 +26,8 @@ from mptlike.ops.attention import attention
 from mptlike.ops.layernorm import LPLayerNorm
 from mptlike.ops.loss import cross_entropy
 
-KVCache = list[tuple[torch.Tensor, torch.Tensor]]
+KV = tuple[torch.Tensor, torch.Tensor]
+KVCache = list[KV]
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
 MODEL_TYPE = "mptlike"
@@ -75,8 +76,9 @@ class MPTAttention(nn.Module):
         x: torch.Tensor,
         slopes: torch.Tensor | None,
         sequence_id: torch.Tensor | None,
-        past: tuple[torch.Tensor, torch.Tensor] | None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        past: KV | None,
+        use_cache: bool,
+    ) -> tuple[torch.Tensor, KV | None]:
         cfg = self.cfg
         qkv = self.Wqkv(x)
         if cfg.clip_qkv is not None:
@@ -101,7 +103,9 @@ class MPTAttention(nn.Module):
             sequence_id=sequence_id,
             dropout_p=cfg.attn_pdrop if self.training else 0.0,
         )
-        return self.out_proj(out.reshape(batch, seq, cfg.d_model)), (k, v)
+        # k and v are views of this layer's whole qkv projection: returned only for a KV cache, else
+        # every layer's projection would stay alive until the loss (even with activation checkpointing).
+        return self.out_proj(out.reshape(batch, seq, cfg.d_model)), (k, v) if use_cache else None
 
 
 class MPTMLP(nn.Module):
@@ -133,9 +137,10 @@ class MPTBlock(nn.Module):
         x: torch.Tensor,
         slopes: torch.Tensor | None = None,
         sequence_id: torch.Tensor | None = None,
-        past: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        a, present = self.attn(self.norm_1(x), slopes, sequence_id, past)
+        past: KV | None = None,
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, KV | None]:
+        a, present = self.attn(self.norm_1(x), slopes, sequence_id, past, use_cache)
         x = x + self.resid_attn_dropout(a)
         x = x + self.resid_ffn_dropout(self.ffn(self.norm_2(x)))
         return x, present
@@ -157,7 +162,8 @@ class MPTModel(nn.Module):
         input_ids: torch.Tensor,
         sequence_id: torch.Tensor | None = None,
         past_key_values: KVCache | None = None,
-    ) -> tuple[torch.Tensor, KVCache]:
+        use_cache: bool = False,
+    ) -> tuple[torch.Tensor, KVCache | None]:
         cfg = self.cfg
         past_len = past_key_values[0][0].shape[1] if past_key_values else 0
         x = self.wte(input_ids)
@@ -171,15 +177,21 @@ class MPTModel(nn.Module):
             x = x + self.wpe(pos)
         if cfg.embedding_fraction < 1:
             x = x * cfg.embedding_fraction + x.detach() * (1 - cfg.embedding_fraction)
+        device = x.device.type
+        if torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            # The residual stream runs in the compute dtype, as it does under FSDP2 (whose bf16
+            # parameters make a bf16 embedding): one mix of precisions on one device or many.
+            x = x.to(torch.get_autocast_dtype(device))
         x = self.emb_drop(x)
         # Slopes are n_heads numbers: recomputing them costs nothing and keeps the model free of
         # buffers that meta-device construction would have to materialize.
         slopes = alibi_slopes(cfg.n_heads, cfg.alibi_bias_max, device=x.device) if cfg.alibi else None
         presents: KVCache = []
         for i, block in enumerate(self.blocks):
-            x, present = block(x, slopes, sequence_id, past_key_values[i] if past_key_values else None)
-            presents.append(present)
-        return self.norm_f(x), presents
+            x, present = block(x, slopes, sequence_id, past_key_values[i] if past_key_values else None, use_cache)
+            if use_cache:
+                presents.append(present)
+        return self.norm_f(x), presents if use_cache else None
 
 
 class MPTForCausalLM(nn.Module):
@@ -205,7 +217,7 @@ class MPTForCausalLM(nn.Module):
         use_cache: bool = False,
     ) -> MPTOutput:
         """labels are next-token targets already aligned with input_ids (-100 = ignore)."""
-        hidden, presents = self.transformer(input_ids, sequence_id, past_key_values)
+        hidden, presents = self.transformer(input_ids, sequence_id, past_key_values, use_cache)
         weight = self.transformer.wte.weight if self.config.tie_word_embeddings else self.lm_head.weight
         logits = F.linear(hidden, weight)
         if self.config.logit_scale is not None:
@@ -214,7 +226,7 @@ class MPTForCausalLM(nn.Module):
         loss = None
         if labels is not None:
             loss = cross_entropy(logits.view(-1, logits.shape[-1]), labels.reshape(-1))
-        return MPTOutput(logits=logits, loss=loss, past_key_values=presents if use_cache else None)
+        return MPTOutput(logits=logits, loss=loss, past_key_values=presents)
 
     def num_params(self) -> int:
         """All parameters, tied embeddings counted once (global sizes under FSDP2)."""

@@ -2,7 +2,8 @@
 
 Head h adds ``slope[h] * (key_pos - query_pos)`` to its attention scores, so farther keys are
 penalized linearly and no position embedding is needed. Backends that can apply the bias from the
-slopes alone (flex, flash) never build the ``(H, Sq, Sk)`` tensor.
+slopes alone (flex, flash, triton) never build the ``(H, Sq, Sk)`` tensor; sdpa needs it, and gets
+one per forward (`causal_alibi_bias`), shared by every layer.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
 
 def alibi_slopes(n_heads: int, alibi_bias_max: float = 8.0, device: torch.device | str | None = None) -> Tensor:
@@ -41,18 +43,44 @@ def alibi_bias(
 
     Queries sit at the end of the keys (query ``i`` is at absolute position ``k_len - q_len + i``),
     which is where they are both in training (``q_len == k_len``) and in KV-cache decoding.
-    The product is formed in float32 and cast once, so a low-precision ``dtype`` rounds only the
-    result (bf16 cannot even hold the distances beyond 256 exactly).
+    One broadcast multiply for all heads, written straight into ``dtype``: the product is formed in
+    float32 and rounded once (bf16 cannot even hold the distances beyond 256 exactly), and on GPU no
+    float32 copy of all heads is ever allocated.
     """
     device = slopes.device if device is None else device
     slopes = slopes.to(device=device, dtype=torch.float32)
     key_pos = torch.arange(k_len, device=device, dtype=torch.float32)
     query_pos = torch.arange(k_len - q_len, k_len, device=device, dtype=torch.float32)
     distance = key_pos[None, :] - query_pos[:, None]  # (q_len, k_len), <= 0 on and below the diagonal
-    if dtype == torch.float32:
-        return (slopes[:, None, None] * distance[None]).unsqueeze(0)
-    # One head at a time, so a long-sequence bf16 bias never needs an fp32 copy of all heads.
     bias = torch.empty(1, slopes.shape[0], q_len, k_len, device=device, dtype=dtype)
-    for head, slope in enumerate(slopes):
-        bias[0, head] = slope * distance
+    torch.mul(slopes[:, None, None], distance, out=bias[0])
     return bias
+
+
+# Per slopes tensor, held weakly (an entry goes when its slopes do), the causal biases built for it.
+# MPTModel computes the slopes once per forward and hands the same tensor to every layer, so the
+# layers of one forward share one bias, and autograd saves that one for backward, not one per layer.
+_CAUSAL_BIASES: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def causal_alibi_bias(slopes: Tensor, q_len: int, k_len: int, *, dtype: torch.dtype) -> Tensor:
+    """`alibi_bias` on the slopes' device with ``-inf`` right of the causal diagonal: sdpa's whole mask.
+
+    Cached per (slopes tensor, q_len, k_len, dtype) while the slopes live: treat it as read-only.
+    """
+    if torch.compiler.is_compiling():  # a compiled graph builds it once per graph anyway
+        return _causal_bias(slopes, q_len, k_len, dtype)
+    built = _CAUSAL_BIASES.get(slopes)
+    if built is None:
+        built = _CAUSAL_BIASES[slopes] = {}
+    key = (q_len, k_len, dtype)
+    if key not in built:
+        built[key] = _causal_bias(slopes, q_len, k_len, dtype)
+    return built[key]
+
+
+def _causal_bias(slopes: Tensor, q_len: int, k_len: int, dtype: torch.dtype) -> Tensor:
+    bias = alibi_bias(slopes, q_len, k_len, dtype=dtype)
+    key_pos = torch.arange(k_len, device=slopes.device)
+    query_pos = torch.arange(k_len - q_len, k_len, device=slopes.device)
+    return bias.masked_fill_(key_pos[None, :] > query_pos[:, None], float("-inf"))

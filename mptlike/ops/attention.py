@@ -9,10 +9,11 @@ decoding with ``Sq == 1`` needs no special case), ``g = h // (H // Hkv)`` (group
 attention), ``mask = -inf`` where ``j > pos_i`` or, given ``sequence_id``, where key ``j`` belongs to
 another document than query ``i``. Packed documents are contiguous runs of equal ids.
 
-Backends:
+Backends (``auto``, the default, picks one per device: `resolve_attn_impl`):
     torch  explicit fp32 scores; slow, exact, the reference the others are tested against.
     sdpa   ``F.scaled_dot_product_attention``; the mask-free causal case takes the flash kernel,
-           ALiBi or documents fold into one additive (or boolean) mask.
+           ALiBi or documents fold into one additive (or boolean) mask; the causal ALiBi mask is
+           built once per forward and shared by the layers (`mptlike.ops.alibi.causal_alibi_bias`).
     flex   ``flex_attention`` with ALiBi as a score_mod and a (block-sparse) causal/document
            BlockMask; compiled on GPU, eager forward-only on CPU.
     flash  flash-attn 2 with its native ALiBi; documents go through the varlen kernel.
@@ -32,18 +33,60 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mptlike.errors import MptlikeError
-from mptlike.ops.alibi import alibi_bias
+from mptlike.ops.alibi import alibi_bias, causal_alibi_bias
 
-ATTN_IMPLS: tuple[str, ...] = ("torch", "sdpa", "flex", "flash", "triton")
+ATTN_IMPLS: tuple[str, ...] = ("torch", "sdpa", "flex", "flash", "triton")  # the backends
+ATTN_CHOICES: tuple[str, ...] = ("auto", *ATTN_IMPLS)  # what model.attn_impl accepts
 
 _FLASH_INSTALL_HINT = "pip install 'mptlike[flash]'"
 
 
+def resolve_attn_impl(name: str, device_type: str, *, attn_pdrop: float = 0.0, head_dim: int | None = None) -> str:
+    """The backend that model.attn_impl=``name`` means on ``device_type`` (``"cuda"``, ``"cpu"``, ...).
+
+    A named backend is itself. ``auto`` is the fastest correct backend present: on CUDA, ``triton``
+    when triton imports, else ``flex``, else ``sdpa``; ``sdpa`` on every other device. Triton and flex
+    have no attention dropout, so ``attn_pdrop > 0`` means ``sdpa``; heads wider than the Triton
+    kernel's limit pass over it.
+    """
+    if name not in ATTN_CHOICES:
+        raise MptlikeError(
+            f"model.attn_impl={name!r} is not a known attention backend; use one of {', '.join(ATTN_CHOICES)}."
+        )
+    if name != "auto":
+        return name
+    if device_type != "cuda" or attn_pdrop > 0:
+        return "sdpa"
+    if _runs_on_cuda("triton") and (head_dim is None or head_dim <= _TRITON_MAX_HEAD_DIM):
+        return "triton"
+    return "flex" if _runs_on_cuda("flex") else "sdpa"
+
+
+_TRITON_MAX_HEAD_DIM = 256  # mptlike.ops.triton_attention's kernels hold a head in one tile
+
+
+@functools.cache
+def _runs_on_cuda(impl: str) -> bool:
+    """Whether ``impl``'s package imports here (asked once per process)."""
+    try:
+        if impl == "triton":
+            from mptlike.ops.triton_attention import check_triton_attention
+
+            check_triton_attention("cuda")
+        else:
+            check_attn_impl(impl)
+    except MptlikeError:
+        return False
+    return True
+
+
 def check_attn_impl(impl: str) -> None:
     """Raise MptlikeError when ``impl`` is not a known backend or cannot run in this environment."""
+    if impl == "auto":
+        return  # it only ever picks a backend that is present
     if impl not in ATTN_IMPLS:
         raise MptlikeError(
-            f"model.attn_impl={impl!r} is not a known attention backend; use one of {', '.join(ATTN_IMPLS)}."
+            f"model.attn_impl={impl!r} is not a known attention backend; use one of {', '.join(ATTN_CHOICES)}."
         )
     if impl == "flex":
         try:
@@ -78,7 +121,10 @@ def attention(
 
     ``alibi_slopes`` is ``(H,)`` float32 or None; ``sequence_id`` is ``(B, Sk)`` integer or None.
     ``dropout_p`` is applied to the attention probabilities; pass 0 outside training.
+    ``impl="auto"`` resolves on q's device (`resolve_attn_impl`); training resolves it once, up front.
     """
+    if impl == "auto":
+        impl = resolve_attn_impl(impl, q.device.type, attn_pdrop=dropout_p, head_dim=q.shape[-1])
     backend = _BACKENDS.get(impl)
     if backend is None:
         check_attn_impl(impl)
@@ -150,16 +196,15 @@ def _sdpa_attention(q, k, v, scale, slopes, sequence_id, dropout_p):
             # sdpa's is_causal aligns queries to the start of the keys; ours sit at the end.
             mask = _allowed_mask(q_len, k_len, None, q.device)
         # q_len == 1: the single query is the newest token and sees every key, so nothing to mask.
+    elif slopes is None:
+        mask = _allowed_mask(q_len, k_len, sequence_id, q.device)
     else:
-        allowed = _allowed_mask(q_len, k_len, sequence_id, q.device)
-        if slopes is None:
-            mask = allowed
-        else:
-            bias = alibi_bias(slopes, q_len, k_len, device=q.device, dtype=q.dtype)
-            if allowed.shape[0] == 1:
-                mask = bias.masked_fill_(~allowed, float("-inf"))  # in place: the bias is the largest tensor here
-            else:
-                mask = torch.where(allowed, bias, torch.tensor(float("-inf"), dtype=q.dtype, device=q.device))
+        # Shared by every layer of this forward: never modify it in place.
+        mask = causal_alibi_bias(slopes.to(q.device), q_len, k_len, dtype=q.dtype)
+        if sequence_id is not None:
+            # (B, H, Sq, Sk), built per layer: packed documents are better served by triton, flex or flash.
+            same_doc = _allowed_mask(q_len, k_len, sequence_id, q.device)
+            mask = torch.where(same_doc, mask, torch.tensor(float("-inf"), dtype=q.dtype, device=q.device))
     enable_gqa = n_kv != n_heads
     # Only the flash kernel (mask-free, 16-bit) reads grouped kv heads natively; with a mask or fp32
     # on GPU, enable_gqa would fall back to the math kernel, so materialize the repeated heads instead.

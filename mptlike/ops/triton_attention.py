@@ -396,14 +396,18 @@ def _configs(candidates: list[tuple[int, int, int, int]], outer_key: str, inner_
 
 
 def _prune(outer_key: str, inner_key: str, outer_tiles: int, inner_tiles: int):
-    """Drop configs whose tiles (outer resident, inner once per stage) cannot fit in shared memory."""
+    """Drop configs whose tiles (outer resident, inner once per stage) cannot fit in shared memory.
+
+    Tiles hold the inputs' dtype (every kernel's first argument is Q): fp32 needs twice the bytes of bf16.
+    """
 
     def prune(configs, named_args, **kwargs):
         head_dim = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 128))
+        element_size = named_args["Q"].element_size()
         kept = []
         for cfg in configs:
             o, i = cfg.kwargs[outer_key], cfg.kwargs[inner_key]
-            smem = 2 * head_dim * (outer_tiles * o + inner_tiles * i * cfg.num_stages)
+            smem = element_size * head_dim * (outer_tiles * o + inner_tiles * i * cfg.num_stages)
             if smem <= _SMEM_BYTES:
                 kept.append(cfg)
         return kept or configs[:1]

@@ -2,9 +2,14 @@
 
 Two ways, chosen by `init`:
   sharded  every rank allocates only its own shards and `init_weights()` fills them in place. Nothing
-           is ever whole on one rank, so this is what large models use. On CUDA, DTensor's
-           offset-based RNG makes the shards add up to the full-tensor draw; on CPU each rank
-           draws from its own generator, so the weights depend on the world size.
+           is ever whole on one rank, so this is what large models use. The weights are a function
+           of the seed and the sharding, not of the seed alone: they differ from a one-device init
+           and change with the world size (each shard has the right distribution, nothing more).
+           On CUDA, DTensor's offset-based RNG tracker gives each shard its own stretch of one
+           Philox stream, so shards differ from each other, but a shard's values are not the
+           full-tensor draw at its positions (kernels draw per thread, and the launch depends on
+           the tensor's size). On CPU there is no such tracker: every rank, seeded alike, draws its
+           shard from the start of the same stream, so the shards of one tensor repeat each other.
   rank0    rank 0 builds and initializes the full model on CPU, then broadcasts it into the shards.
            The weights are then the same at every world size (what the CPU tests compare), at the
            price of one full copy in rank 0's memory: fine for small models only.

@@ -27,6 +27,9 @@ class ParallelPlan:
     ac_every: int = 2
     compile: bool = False
     reshard_after_forward: bool = True  # True: ZeRO-3 (full sharding); False: keep params gathered until backward
+    # Gradient accumulation: False reduce-scatters every micro-batch (gradients stay sharded); True
+    # once per step, holding a full fp32 gradient per parameter on every rank in between.
+    accumulate_unsharded: bool = False
 
     def __post_init__(self) -> None:
         if self.ac_mode not in AC_MODES:
@@ -79,7 +82,10 @@ def apply_fsdp(
     """fully_shard each block, then the root (embeddings, final norm and any untied head)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    # Keep the blocks' forward inputs as they come: the hidden states are bf16 already (the embedding is
+    # gathered in bf16), and casting would also turn the fp32 ALiBi slopes into bf16 ones (off by up to
+    # 1e-3 at 32 heads) and give every layer its own copy, so the shared sdpa bias would be rebuilt per layer.
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=False)
     blocks = model_blocks(model)
     for i, block in enumerate(blocks):
         # The last block's parameters are needed again right away by backward: keeping them

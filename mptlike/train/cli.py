@@ -16,7 +16,7 @@ from mptlike.errors import EXIT_INTERRUPTED, EXIT_PREEMPTED, EXIT_USAGE, Mptlike
 from mptlike.train.signals import StoppedBeforeStart
 
 PROG = "mptlike-train"
-USAGE = f"""usage: {PROG} [--help] [--cfg] [--dry-run] [GROUP=OPTION ...] [KEY=VALUE ...]
+USAGE = f"""usage: {PROG} [--help] [--cfg] [--dry-run] [--estimate-memory] [GROUP=OPTION ...] [KEY=VALUE ...]
 
 Train an MPT model. With no arguments: the quickstart (mpt-tiny on the default corpus).
 Arguments are Hydra overrides of conf/config.yaml, for example
@@ -30,6 +30,9 @@ options:
   --cfg       print the composed, resolved config and exit (writes nothing)
   --dry-run   validate, build the model on the meta device, print its size and the batch
               arithmetic for trainer.devices x trainer.num_nodes, and exit (same as dry_run=true)
+  --estimate-memory
+              print the per-rank peak memory of one training step for this config and world size
+              (parameters, gradients, optimizer state, activations) and exit; allocates nothing
 """
 
 
@@ -110,6 +113,23 @@ def dry_run_report(plan) -> str:
     return "\n".join(lines)
 
 
+def estimate_memory(plan):
+    """The per-rank peak memory of one training step of `plan` (mptlike.parallel.memory): nothing allocated."""
+    from mptlike.parallel.memory import estimate_training_memory
+
+    cfg = plan.cfg
+    return estimate_training_memory(
+        plan.model_config, micro_batch=cfg.trainer.micro_batch_size, precision=plan.precision,
+        parallel=plan.parallel, world_size=plan.world.world_size, accumulation_steps=plan.accumulation_steps,
+        optimizer=str(cfg.optim.name), optimizer_impl=str(cfg.optim.impl),
+        device="cuda" if plan.accelerator == "gpu" else "cpu")
+
+
+def memory_report(plan) -> str:
+    return (f"memory estimate of {plan.cfg.name}: per rank, one optimizer step; nothing was allocated\n"
+            f"{estimate_memory(plan).report()}")
+
+
 def _summary(result, plan) -> str:
     lines = []
     if result.steps_run == 0:
@@ -139,12 +159,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(_help_text())
         return 0
     show_cfg = "--cfg" in args
+    memory_estimate = False
     overrides = []
     for arg in args:
         if arg == "--cfg":
             continue
         if arg == "--dry-run":
             overrides.append("dry_run=true")
+        elif arg == "--estimate-memory":
+            memory_estimate = True
+            overrides.append("dry_run=true")  # validate as a dry run does: no data, no GPU needed
         elif arg.startswith("-"):
             print(f"{PROG}: error: unknown option {arg}: see {PROG} --help", file=sys.stderr)
             return EXIT_USAGE
@@ -162,6 +186,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(OmegaConf.to_yaml(config_to_dict(cfg)), end="")
             return 0
         plan = build_plan(cfg)
+        if memory_estimate:
+            print(memory_report(plan))
+            return 0
         if cfg.dry_run:
             print(dry_run_report(plan))
             return 0
@@ -178,11 +205,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"{PROG}: stopped by {name} before training started: nothing was trained; run the same command "
               "again to start", file=sys.stderr)
         return EXIT_INTERRUPTED
+    code = 0
     if result.preempted_by is not None:
         if result.is_rank_zero:
             print(f"{PROG}: preempted at step {result.final_step} ({result.preempted_by}): checkpoint written to "
                   f"{result.checkpoint}; run again with resume=auto", file=sys.stderr)
-        return EXIT_PREEMPTED
-    if result.is_rank_zero:
+        code = EXIT_PREEMPTED
+    elif result.is_rank_zero:
         print(_summary(result, plan))
-    return 0
+    if plan.world.world_size > 1:
+        _exit_now(code)
+    return code
+
+
+def _exit_now(code: int) -> None:
+    """End a rank of a multi-process run here, its work done and its process group destroyed.
+
+    Interpreter teardown would destroy what FSDP2 and the device mesh still reference, gloo's worker
+    threads among them; now and then one is still joinable, and C++ aborts the process ("terminate
+    called without an active exception", exit -6) after a run that succeeded, which torchrun reports
+    as a failure. Every file is written and closed by now; flush the streams and leave.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

@@ -84,7 +84,8 @@ class TrainerConfig:
     global_batch_size: int = 256  # sequences per optimizer step, summed over all ranks
     micro_batch_size: int = 8  # sequences per forward/backward on one rank
     log_every_n_steps: int = 10
-    # Per-device peak FLOP/s for MFU; 0 = detect from the GPU name (H100/H200 989e12, A100 312e12).
+    # Per-device peak FLOP/s for MFU; 0 = detect from the GPU name (H100 SXM/H200 989e12, H100 PCIe
+    # 756e12, H100/H200 NVL 835e12, A100 312e12).
     peak_flops: float = 0.0
     progress_bar: bool = True
 

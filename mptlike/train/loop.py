@@ -3,7 +3,8 @@ owns everything else and reads top to bottom:
 
     build the model (meta -> activation checkpointing/compile/FSDP2 -> weights), optimizer, data
     resume every component from a checkpoint, or start fresh
-    each step: this rank's micro-batches forward/backward (gradients reduced on the last), one
+    each step: this rank's micro-batches forward/backward (FSDP2 reduce-scatters after each; after
+      the last only with parallel.accumulate_unsharded=true), one
       all-reduce of the loss and of "did any rank get a signal", clip, the guard's verdict,
       optimizer step (or skip, or roll back), log, evaluate, checkpoint
     on a signal: checkpoint this step and return; at max_steps: final checkpoint, evaluation, export
@@ -99,8 +100,13 @@ def build_model(plan: RunPlan, fabric) -> MPTForCausalLM:
 
 
 def train_step(model: nn.Module, batches, fabric, *, accumulation: int, grad_clip: float, poisoned: bool,
-               stop_requested: Callable[[], bool]) -> tuple[float, float, bool]:
+               stop_requested: Callable[[], bool], accumulate_unsharded: bool = False) -> tuple[float, float, bool]:
     """Forward/backward over this rank's micro-batches of one global batch, then clip.
+
+    Under FSDP2 every micro-batch's backward reduce-scatters its gradients into the sharded ones, so a
+    rank never holds more than its shard between micro-batches. `accumulate_unsharded`
+    (parallel.accumulate_unsharded) instead reduce-scatters once, after the last micro-batch: less
+    communication, but a full fp32 gradient of every parameter on every rank until then.
 
     Returns (mean loss over the global batch, gradient norm before clipping, whether any rank was
     asked to stop); the same three values on every rank.
@@ -109,7 +115,7 @@ def train_step(model: nn.Module, batches, fabric, *, accumulation: int, grad_cli
     loss_sum = torch.zeros((), device=fabric.device)
     for i in range(accumulation):
         micro = {k: v.to(fabric.device, non_blocking=True) for k, v in next(batches).items()}
-        if sharded:
+        if sharded and accumulate_unsharded:
             model.set_requires_gradient_sync(i == accumulation - 1)  # reduce-scatter once, after the last
         with fabric.autocast():
             loss = model(micro["input_ids"], labels=micro["labels"], sequence_id=micro.get("sequence_id")).loss
@@ -312,7 +318,8 @@ def fit(plan: RunPlan, *, on_start: Callable[[], None], preemption: Preemption) 
             loss, grad_norm, stop = train_step(
                 run.model, batches, fabric, accumulation=plan.accumulation_steps, grad_clip=cfg.optim.grad_clip,
                 poisoned=faults.active().poisons(position, cfg.trainer.global_batch_size),
-                stop_requested=lambda: preemption.requested is not None)
+                stop_requested=lambda: preemption.requested is not None,
+                accumulate_unsharded=plan.parallel.accumulate_unsharded)
             action = run.check(loss=loss, grad_norm=grad_norm, position=position)
             if action is Action.STEP:
                 run.optimizer.step()

@@ -338,11 +338,16 @@ def check_composer_plan(plan: RunPlan) -> None:
 
 def build_plan(cfg: TrainConfig) -> RunPlan:
     """All validation; reads files (data manifest, checkpoints) but writes nothing."""
-    from mptlike.ops.attention import check_attn_impl
+    from mptlike.ops.attention import check_attn_impl, resolve_attn_impl
 
     model = cfg.model  # an MPTConfig, validated when the config was built
     _check_misc(cfg)
     accelerator = _accelerator(cfg.trainer.accelerator, cfg.dry_run)
+    # attn_impl=auto becomes one backend for this machine; cfg.model keeps "auto", so config.yaml and
+    # final/config.json stay portable.
+    model = dataclasses.replace(model, attn_impl=resolve_attn_impl(
+        model.attn_impl, "cuda" if accelerator == "gpu" else "cpu", attn_pdrop=model.attn_pdrop,
+        head_dim=model.head_dim))
     world = detect_world(cfg.trainer.devices, cfg.trainer.num_nodes)
     accum = _check_batch(cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size, world)
     precision = resolve_precision(
@@ -357,6 +362,7 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
         ac_every=cfg.parallel.ac_every,
         compile=cfg.parallel.compile,
         reshard_after_forward=cfg.parallel.reshard_after_forward,
+        accumulate_unsharded=cfg.parallel.accumulate_unsharded,
     )
     schedule = Schedule(cfg.optim.schedule, cfg.trainer.max_steps, cfg.optim.warmup_steps, cfg.optim.alpha_f)
     data = None

@@ -77,6 +77,7 @@ def _log_start(plan: RunPlan) -> None:
              cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size, world.world_size,
              plan.accumulation_steps, plan.tokens_per_step, plan.precision.name)
     log.info("MFU: %.3g FLOPs/token (%s)", model.flops_per_token(mc.max_seq_len), FLOPS_FORMULA)
+    log.info("attention: model.attn_impl=%s -> %s", cfg.model.attn_impl, mc.attn_impl)
 
 
 @contextlib.contextmanager

@@ -253,7 +253,8 @@ def build_composer_trainer(
                             is_rank_zero=rank_zero)
     try:
         trainer = _trainer(plan, model, loader, optimizer, scheduler, _evaluator(plan, step),
-                           [step, MptlikeRunInfo(plan.model_config), _checkpoint_saver(plan, meter, step), *callbacks],
+                           # The model config as written (attn_impl may stay auto), as final/config.json has it.
+                           [step, MptlikeRunInfo(plan.cfg.model), _checkpoint_saver(plan, meter, step), *callbacks],
                            MptlikeMetrics(loggers))  # which closes the loggers when the trainer closes
     except BaseException:
         loggers.close()  # a W&B run is finished even when Composer refuses the setup

@@ -1,0 +1,37 @@
+"""The Triton kernels' autotune candidates: pruned by the shared memory their tiles need (pure Python)."""
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from mptlike.ops import triton_attention as ta  # noqa: E402
+
+H100_SHARED_MEMORY = 228 * 1024  # per thread block
+
+
+def _kept(candidates, outer_tiles, dtype, head_dim=128):
+    configs = ta._configs(candidates, "BLOCK_M", "BLOCK_N")
+    prune = ta._prune("BLOCK_M", "BLOCK_N", outer_tiles, 2)
+    named_args = {"Q": torch.empty(1, dtype=dtype), "BLOCK_D": head_dim}
+    return [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_stages) for c in prune(configs, named_args)]
+
+
+def _shared_bytes(outer, inner, stages, outer_tiles, element_size, head_dim=128):
+    return element_size * head_dim * (outer_tiles * outer + 2 * inner * stages)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_forward_configs_kept_fit_in_an_h100s_shared_memory_for_the_input_dtype(dtype):
+    size = torch.empty(0, dtype=dtype).element_size()
+    kept = _kept(ta._FWD_CONFIGS, 1, dtype)
+    assert kept
+    for outer, inner, stages in kept:
+        assert _shared_bytes(outer, inner, stages, 1, size) <= H100_SHARED_MEMORY, (outer, inner, stages, dtype)
+
+
+def test_fp32_inputs_prune_the_forward_configs_that_only_fit_in_16_bits():
+    bf16 = _kept(ta._FWD_CONFIGS, 1, torch.bfloat16)
+    fp32 = _kept(ta._FWD_CONFIGS, 1, torch.float32)
+    assert len(fp32) < len(bf16)
+    assert (128, 64, 3) in bf16 and (128, 64, 3) not in fp32  # 256 KiB of fp32 tiles
