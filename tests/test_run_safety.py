@@ -305,3 +305,29 @@ def test_an_older_checkpoint_without_a_recorded_run_that_does_not_fit_is_one_lin
     line = one_error_line(capsys)
     assert f"{ckpt} does not load into this model and optimizer" in line
     assert snapshot(run_dir) == before
+
+
+def test_a_full_disk_during_the_final_export_is_one_line_and_the_rerun_finishes_it(capsys, corpus, tmp_path,
+                                                                                    monkeypatch):
+    import errno
+
+    from mptlike.model import MPTForCausalLM
+
+    run_dir = tmp_path / "run"
+    run_args = args(corpus, run_dir, "checkpoint.export_final=true")
+
+    def full_disk(self, folder, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(MPTForCausalLM, "save_pretrained", full_disk)
+        assert main(run_args) == 2
+    line = one_error_line(capsys)
+    assert f"disk full while writing the final weights {run_dir / 'final'}" in line and "run the same command" in line
+    assert not (run_dir / "final").exists() and not (run_dir / "final.tmp").exists()
+    trained = losses(run_dir)
+    assert main(run_args) == 0  # the steps are done: this run only writes the export
+    assert (run_dir / "final" / "model.safetensors").is_file()
+    assert losses(run_dir) == trained
+    loaded = MPTForCausalLM.from_pretrained(run_dir / "final")
+    assert loaded.config.n_layers == 2

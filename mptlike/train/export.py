@@ -10,6 +10,7 @@ backend (triton, flash) never meets a CPU tensor.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mptlike.errors import MptlikeError
 from mptlike.files import replace_dir
 from mptlike.model import MPTForCausalLM
 from mptlike.model.generation import generate
@@ -46,10 +48,20 @@ def consolidated_model(state: dict[str, torch.Tensor], plan: RunPlan) -> MPTForC
 
 
 def save_final(model: MPTForCausalLM, run_dir: Path) -> Path:
-    """run_dir/final appears whole: written as final.tmp, then swapped in."""
+    """run_dir/final appears whole: written as final.tmp, then swapped in. A full disk removes the
+    .tmp and raises the one-line error; the same command run again finishes the export."""
     tmp = run_dir / (FINAL + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise MptlikeError(
+            f"disk full while writing the final weights {run_dir / FINAL}: free space on that disk, then run the "
+            f"same command again: it finishes the export from the last checkpoint, which holds the trained weights"
+        ) from None
     return replace_dir(tmp, run_dir / FINAL)
 
 
