@@ -21,10 +21,10 @@ from memory_helpers import measure_peak
 from mptlike.model import MPTConfig, MPTForCausalLM
 from mptlike.parallel import ParallelPlan, materialize, parallelize, resolve_precision
 from mptlike.parallel.memory import estimate_training_memory
-from mptlike.train.cli import estimate_memory, main
+from mptlike.train.cli import main
 from mptlike.train.config import compose_config, to_train_config
 from mptlike.train.optim import build_optimizer
-from mptlike.train.plan import build_plan
+from mptlike.train.plan import build_plan, estimate_memory
 
 TOLERANCE = 0.15
 # mpt-tiny's width and vocabulary, shortened so that each measured step takes a moment on 2 cores.

@@ -331,3 +331,12 @@ def test_a_full_disk_during_the_final_export_is_one_line_and_the_rerun_finishes_
     assert losses(run_dir) == trained
     loaded = MPTForCausalLM.from_pretrained(run_dir / "final")
     assert loaded.config.n_layers == 2
+
+
+def test_a_model_that_cannot_fit_this_machine_is_refused_before_anything_is_allocated(capsys, corpus, tmp_path):
+    # mpt-7b on a CPU: ~100 GB of fp32 weights, gradients and Adam moments, on a machine of a few dozen.
+    run_dir = tmp_path / "run"
+    assert main(["model=mpt-7b", "trainer=cpu", "data=folder", f"data.path={corpus}", f"run_dir={run_dir}"]) == 2
+    line = one_error_line(capsys)
+    assert "needs about" in line and "GB per process" in line and "--estimate-memory" in line
+    assert not run_dir.exists()

@@ -113,19 +113,9 @@ def dry_run_report(plan) -> str:
     return "\n".join(lines)
 
 
-def estimate_memory(plan):
-    """The per-rank peak memory of one training step of `plan` (mptlike.parallel.memory): nothing allocated."""
-    from mptlike.parallel.memory import estimate_training_memory
-
-    cfg = plan.cfg
-    return estimate_training_memory(
-        plan.model_config, micro_batch=cfg.trainer.micro_batch_size, precision=plan.precision,
-        parallel=plan.parallel, world_size=plan.world.world_size, accumulation_steps=plan.accumulation_steps,
-        optimizer=str(cfg.optim.name), optimizer_impl=str(cfg.optim.impl),
-        device="cuda" if plan.accelerator == "gpu" else "cpu")
-
-
 def memory_report(plan) -> str:
+    from mptlike.train.plan import estimate_memory
+
     return (f"memory estimate of {plan.cfg.name}: per rank, one optimizer step; nothing was allocated\n"
             f"{estimate_memory(plan).report()}")
 
