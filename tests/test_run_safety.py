@@ -340,3 +340,9 @@ def test_a_model_that_cannot_fit_this_machine_is_refused_before_anything_is_allo
     line = one_error_line(capsys)
     assert "needs about" in line and "GB per process" in line and "--estimate-memory" in line
     assert not run_dir.exists()
+
+
+def test_flex_attention_on_a_cpu_is_refused_before_the_run_starts(capsys, corpus, tmp_path):
+    assert main(args(corpus, tmp_path / "run", "model.attn_impl=flex")) == 2
+    assert "model.attn_impl=flex cannot train on CPU" in one_error_line(capsys)
+    assert not (tmp_path / "run").exists()

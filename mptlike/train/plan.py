@@ -392,6 +392,10 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
     model = dataclasses.replace(model, attn_impl=resolve_attn_impl(
         model.attn_impl, "cuda" if accelerator == "gpu" else "cpu", attn_pdrop=model.attn_pdrop,
         head_dim=model.head_dim))
+    if model.attn_impl == "flex" and accelerator == "cpu" and not cfg.dry_run:
+        # Found at the first backward otherwise, after the run has started and written its config.
+        raise MptlikeError("model.attn_impl=flex cannot train on CPU (FlexAttention has no CPU backward): use "
+                           "model.attn_impl=sdpa or auto, or a GPU")
     world = detect_world(cfg.trainer.devices, cfg.trainer.num_nodes)
     accum = _check_batch(cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size, world)
     precision = resolve_precision(
