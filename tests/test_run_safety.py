@@ -346,3 +346,10 @@ def test_flex_attention_on_a_cpu_is_refused_before_the_run_starts(capsys, corpus
     assert main(args(corpus, tmp_path / "run", "model.attn_impl=flex")) == 2
     assert "model.attn_impl=flex cannot train on CPU" in one_error_line(capsys)
     assert not (tmp_path / "run").exists()
+
+
+def test_starting_over_in_a_run_dir_starts_a_new_wandb_run(corpus, finished, tmp_path):
+    run_dir = copy_run(finished, tmp_path / "run")
+    (run_dir / "wandb_run_id").write_text("oldrun12345\n")
+    assert main(args(corpus, run_dir, "resume=never", "checkpoint.overwrite=true", "trainer.max_steps=2")) == 0
+    assert not (run_dir / "wandb_run_id").exists()  # logger=wandb would now create a fresh id

@@ -30,7 +30,7 @@ from mptlike.files import atomic_write
 from mptlike.model import MPTForCausalLM
 from mptlike.model.mpt import CONFIG_NAME
 from mptlike.train.checkpoint import checkpoints_dir, set_aside_newer
-from mptlike.train.layout import CONFIG, FINAL, LOCK
+from mptlike.train.layout import CONFIG, FINAL, LOCK, WANDB_ID
 from mptlike.train.plan import RunPlan, check_data
 from mptlike.train.redact import redact
 from mptlike.train.result import RunResult
@@ -117,9 +117,12 @@ def start_run_dir(plan: RunPlan) -> None:
     if plan.world.rank != 0:
         return
     old = checkpoints_dir(plan.run_dir)
-    if str(plan.cfg.resume) == "never" and plan.cfg.checkpoint.overwrite and old.exists():
-        log.warning("checkpoint.overwrite=true: deleting %s", old)
-        shutil.rmtree(old)
+    if str(plan.cfg.resume) == "never" and plan.cfg.checkpoint.overwrite:
+        if old.exists():
+            log.warning("checkpoint.overwrite=true: deleting %s", old)
+            shutil.rmtree(old)
+        # A new run gets a new W&B run, not more steps appended to the old one's history.
+        (plan.run_dir / WANDB_ID).unlink(missing_ok=True)
     if plan.resume_from is not None and str(plan.cfg.trainer.backend) == "lightning":
         set_aside_newer(plan.run_dir, plan.start_step)
     write_config(plan)
