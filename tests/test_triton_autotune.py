@@ -35,3 +35,12 @@ def test_fp32_inputs_prune_the_forward_configs_that_only_fit_in_16_bits():
     fp32 = _kept(ta._FWD_CONFIGS, 1, torch.float32)
     assert len(fp32) < len(bf16)
     assert (128, 64, 3) in bf16 and (128, 64, 3) not in fp32  # 256 KiB of fp32 tiles
+
+
+def test_the_autotune_key_tells_a_small_batch_of_few_heads_from_a_large_one():
+    """The benchmark's small correctness check must not pick the tiles its timed large run reuses."""
+    small = ta._common_args(torch.empty(1, 256, 4, 64), torch.empty(1, 256, 4, 64), None, None)
+    large = ta._common_args(torch.empty(8, 256, 32, 64), torch.empty(8, 256, 32, 64), None, None)
+    key = ta._TUNE_KEY
+    assert [small[k] for k in key] != [large[k] for k in key]
+    assert (small["BH_BUCKET"], large["BH_BUCKET"]) == (4, 256)
