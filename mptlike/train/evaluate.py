@@ -8,13 +8,31 @@ all-reduced, so val/loss is the mean over all scored tokens.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from mptlike.data import TokenDataset
+from mptlike.data import Manifest, TokenDataset
+
+log = logging.getLogger(__name__)
+
+
+def open_val_split(data_path, *, seq_len: int, with_sequence_id: bool) -> TokenDataset | None:
+    """The val split as samples of seq_len, or None (with a warning) when it cannot give one."""
+    if Manifest.load(data_path).num_tokens.get("val", 0) <= seq_len:
+        log.warning("%s has no usable val split: validation is skipped", data_path)
+        return None
+    return TokenDataset(data_path, "val", seq_len=seq_len, with_sequence_id=with_sequence_id)
+
+
+def rank_indices(num_samples: int, max_samples: int, rank: int, world_size: int) -> list[int]:
+    """The val samples rank `rank` scores: r, r + W, r + 2W, ... over the first max_samples, the same
+    count on every rank (a sharded forward is collective)."""
+    per_rank = min(max_samples, num_samples) // world_size
+    return list(range(rank, per_rank * world_size, world_size))
 
 
 @torch.no_grad()
@@ -28,10 +46,10 @@ def evaluate(
     world_size: int,
     device: torch.device,
 ) -> dict[str, float]:
-    per_rank = min(max_samples, len(dataset)) // world_size
+    indices = rank_indices(len(dataset), max_samples, rank, world_size)
+    per_rank = len(indices)
     if per_rank == 0:
         return {}
-    indices = list(range(rank, per_rank * world_size, world_size))
     was_training = model.training
     model.eval()
     loss_sum = torch.zeros((), dtype=torch.float64, device=device)

@@ -25,12 +25,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from mptlike.data import Manifest, TokenDataset, build_loader
+from mptlike.data import TokenDataset, build_loader
 from mptlike.model import MPTForCausalLM
 from mptlike.parallel import is_sharded, materialize, parallelize, resolve_init_mode
 from mptlike.train import faults
 from mptlike.train.checkpoint import Checkpointer, load_pretrained_weights
-from mptlike.train.evaluate import evaluate
+from mptlike.train.evaluate import evaluate, open_val_split
 from mptlike.train.export import export_and_sample
 from mptlike.train.flops import peak_flops
 from mptlike.train.guard import Action, NonFiniteGuard, append_jsonl, batch_sample_ids, truncate_jsonl
@@ -128,17 +128,6 @@ def train_step(model: nn.Module, batches, fabric, *, accumulation: int, grad_cli
                            grad_clip=grad_clip)
 
 
-def open_val_split(plan: RunPlan) -> TokenDataset | None:
-    cfg, seq_len = plan.cfg, plan.model_config.max_seq_len
-    if not (cfg.eval.every_n_steps or cfg.eval.at_end):
-        return None
-    if Manifest.load(plan.data.path).num_tokens.get("val", 0) <= seq_len:
-        log.warning("%s has no usable val split: validation is skipped", plan.data.path)
-        return None
-    return TokenDataset(plan.data.path, "val", seq_len=seq_len,
-                        with_sequence_id=plan.model_config.attn_uses_sequence_id)
-
-
 class Run:
     """The loop's components and the few things it does between steps (evaluate, save, roll back, finish).
 
@@ -160,7 +149,10 @@ class Run:
                                    micro_batch_size=cfg.trainer.micro_batch_size, rank=self.rank, world_size=self.world,
                                    seed=cfg.seed, num_workers=cfg.data.num_workers,
                                    pin_memory=fabric.device.type == "cuda")
-        self.val_data = open_val_split(plan)
+        self.val_data = None
+        if cfg.eval.every_n_steps or cfg.eval.at_end:
+            self.val_data = open_val_split(plan.data.path, seq_len=plan.model_config.max_seq_len,
+                                           with_sequence_id=plan.model_config.attn_uses_sequence_id)
         self.progress = Progress()
         self.guard = NonFiniteGuard(cfg.guard.nonfinite, cfg.guard.max_skips, plan.run_dir if self.rank_zero else None)
         self.checkpointer = Checkpointer(plan.run_dir, every_n_steps=ck.every_n_steps, keep_last=ck.keep_last,

@@ -9,17 +9,15 @@ resuming never replays ("spins") the data already seen.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from mptlike.data import Manifest, ResumableLoader, TokenDataset
+from mptlike.data import ResumableLoader, TokenDataset
+from mptlike.train.evaluate import open_val_split, rank_indices
 from mptlike.train.plan import RunPlan
-
-log = logging.getLogger(__name__)
 
 
 class LoaderDataset(IterableDataset):
@@ -73,15 +71,12 @@ class _EvalBatches(IterableDataset):
 
 def eval_dataloader(plan: RunPlan, rank: int, world: int) -> DataLoader | None:
     """The samples mptlike.train.evaluate scores (rank r: r, r + W, r + 2W, ...), or None without validation."""
-    cfg, seq_len = plan.cfg, plan.model_config.max_seq_len
+    cfg = plan.cfg
     if not (cfg.eval.every_n_steps or cfg.eval.at_end):
         return None
-    if Manifest.load(plan.data.path).num_tokens.get("val", 0) <= seq_len:
-        log.warning("%s has no usable val split: validation is skipped", plan.data.path)
+    val = open_val_split(plan.data.path, seq_len=plan.model_config.max_seq_len,
+                         with_sequence_id=plan.model_config.attn_uses_sequence_id)
+    indices = rank_indices(len(val), cfg.eval.max_samples, rank, world) if val is not None else []
+    if not indices:
         return None
-    val = TokenDataset(plan.data.path, "val", seq_len=seq_len, with_sequence_id=plan.model_config.attn_uses_sequence_id)
-    per_rank = min(cfg.eval.max_samples, len(val)) // world
-    if per_rank == 0:
-        return None
-    indices = list(range(rank, per_rank * world, world))
     return DataLoader(_EvalBatches(val, indices, cfg.trainer.micro_batch_size), batch_size=None, num_workers=0)
