@@ -24,8 +24,9 @@ STUBS = {
         echo "srun $*" >> "$STUB_LOG"
         bash -c '
             trap "echo train got TERM >> \\"\\$STUB_LOG\\"; sleep 0.3; \\
-                  echo train exits 3 >> \\"\\$STUB_LOG\\"; exit 3" TERM
+                  echo train exits \\$STUB_EXIT >> \\"\\$STUB_LOG\\"; exit \\$STUB_EXIT" TERM
             echo $$ > "$STUB_DIR/train.pid"
+            if [ -n "$STUB_ENDS_ALONE" ]; then sleep 0.5; exit "$STUB_ENDS_ALONE"; fi
             while :; do sleep 0.05; done
         ' &
         wait $!
@@ -61,10 +62,9 @@ def _wait_for(path: Path, seconds: float) -> None:
         time.sleep(0.05)
 
 
-@pytest.fixture(scope="module")
-def time_limit_run(tmp_path_factory) -> Run:
-    """Start the script, send it USR1 as `--signal=B:USR1@300` would, and wait for it to end."""
-    tmp = tmp_path_factory.mktemp("slurm")
+def run_script(tmp: Path, *, stub_exit: int = 3, send_usr1: bool = True, ends_alone: str = "") -> Run:
+    """Start the script; send it USR1 as `--signal=B:USR1@300` would (the stub training process then
+    exits `stub_exit` after SIGTERM), or let the stub end by itself with `ends_alone`; wait for the end."""
     bin_dir = tmp / "bin"
     bin_dir.mkdir()
     for name, body in STUBS.items():
@@ -83,6 +83,8 @@ def time_limit_run(tmp_path_factory) -> Run:
         "SLURM_NNODES": "2",
         "SLURM_CPUS_PER_TASK": "64",
         "SLURM_GPUS_ON_NODE": "8",
+        "STUB_EXIT": str(stub_exit),
+        "STUB_ENDS_ALONE": ends_alone,
     }
     proc = subprocess.Popen(
         ["bash", str(SCRIPT), "run_dir=/shared/runs/x"],
@@ -93,7 +95,8 @@ def time_limit_run(tmp_path_factory) -> Run:
     )
     try:
         _wait_for(tmp / "train.pid", seconds=10)
-        proc.send_signal(signal.SIGUSR1)
+        if send_usr1:
+            proc.send_signal(signal.SIGUSR1)
         output, _ = proc.communicate(timeout=10)
     except (AssertionError, subprocess.TimeoutExpired) as e:
         os.killpg(proc.pid, signal.SIGKILL)
@@ -101,6 +104,11 @@ def time_limit_run(tmp_path_factory) -> Run:
         lines = log.read_text() if log.exists() else ""
         pytest.fail(f"{e}\nscript output:\n{output.decode()}\nstub log:\n{lines}")
     return Run(proc.returncode, log.read_text().splitlines())
+
+
+@pytest.fixture(scope="module")
+def time_limit_run(tmp_path_factory) -> Run:
+    return run_script(tmp_path_factory.mktemp("slurm"))
 
 
 def test_time_limit_signal_reaches_the_training_process(time_limit_run):
@@ -120,3 +128,21 @@ def test_script_exits_with_the_step_status(time_limit_run):
 def test_srun_gets_cpus_per_task(time_limit_run):
     srun = time_limit_run.log[time_limit_run.index("srun")].split()
     assert "--cpus-per-task=64" in srun
+
+
+@pytest.mark.parametrize("status, requeued", [
+    (1, True),    # what torchrun returns when its workers exited 3 after its forwarded SIGTERM
+    (137, True),  # a process killed (KillWait ran out): the newest complete checkpoint is still there
+    (0, False),   # training finished within the last minutes: nothing to continue
+    (2, False),   # a bad config would fail the same way again
+])
+def test_requeue_after_the_time_limit_signal_depends_on_the_step_status(tmp_path, status, requeued):
+    run = run_script(tmp_path, stub_exit=status)
+    assert run.returncode == status
+    assert any(line == f"scontrol requeue {JOB_ID}" for line in run.log) is requeued
+
+
+def test_a_step_that_ends_without_the_time_limit_signal_is_not_requeued(tmp_path):
+    run = run_script(tmp_path, send_usr1=False, ends_alone="1")  # a crash, not a time limit
+    assert run.returncode == 1
+    assert not any(line.startswith(("scancel", "scontrol requeue")) for line in run.log)
