@@ -294,11 +294,12 @@ def fit(plan: RunPlan, *, on_start: Callable[[], None], preemption: Preemption) 
     """Train as `plan` says. `on_start()` runs once everything is built and loaded, before step one;
     `preemption` (entered by mptlike.train.run) says whether a signal asked the run to stop."""
     cfg, max_steps = plan.cfg, plan.cfg.trainer.max_steps
+    injected = faults.active()  # tests only (MPTLIKE_FAULTS); read once, before anything is built
     fabric = build_fabric(plan)
     fabric.launch()
     run = Run(plan, fabric)
     try:
-        faults.active().maybe_signal(0, run.rank)  # "during setup", for the tests
+        injected.maybe_signal(0, run.rank)  # "during setup"
         on_start()
         started = time.perf_counter()
         stop = False
@@ -306,10 +307,10 @@ def fit(plan: RunPlan, *, on_start: Callable[[], None], preemption: Preemption) 
         while run.progress.step < max_steps:
             position = run.skip_rolled_back_batches(batches)
             lr = run.scheduler.apply(run.progress.step)
-            faults.active().maybe_signal(run.progress.step + 1, run.rank)
+            injected.maybe_signal(run.progress.step + 1, run.rank)
             loss, grad_norm, stop = train_step(
                 run.model, batches, fabric, accumulation=plan.accumulation_steps, grad_clip=cfg.optim.grad_clip,
-                poisoned=faults.active().poisons(position, cfg.trainer.global_batch_size),
+                poisoned=injected.poisons(position, cfg.trainer.global_batch_size),
                 stop_requested=lambda: preemption.requested is not None,
                 accumulate_unsharded=plan.parallel.accumulate_unsharded)
             action = run.check(loss=loss, grad_norm=grad_norm, position=position)
