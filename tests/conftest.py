@@ -9,3 +9,8 @@ import torch
 # interpreted, so choose that before any test module is collected.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# W&B's environment variables change the composed config (logger.*): a developer's or a CI machine's
+# own settings must not change what the tests compose. Tests that exercise them set them themselves.
+for _var in ("WANDB_MODE", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_GROUP", "WANDB_TAGS", "WANDB_DIR"):
+    os.environ.pop(_var, None)

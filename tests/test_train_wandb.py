@@ -100,3 +100,42 @@ def test_offline_wandb_run_dir_holds_the_config_tags_and_every_logged_metric(cor
     assert [h["trainer/global_step"] for h in val] == [2, 3]
     assert all(h["val/perplexity"] > 1 for h in val)
     assert (run_dir / "config.yaml").is_file()
+
+
+def test_wandb_environment_variables_apply_unless_the_command_line_says_otherwise(monkeypatch):
+    from mptlike.train.config import compose_config, to_train_config
+
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    monkeypatch.setenv("WANDB_ENTITY", "team")
+    monkeypatch.setenv("WANDB_RUN_GROUP", "sweep-3")
+    monkeypatch.setenv("WANDB_TAGS", "a, b")
+    cfg = to_train_config(compose_config(["logger=wandb", "logger.project=from-cli"]))
+    lg = cfg.logger
+    assert (str(lg.mode), lg.project, lg.entity, lg.group, list(lg.tags)) == ("online", "from-cli", "team", "sweep-3",
+                                                                             ["a", "b"])
+    monkeypatch.setenv("WANDB_MODE", "dryrun")  # W&B's older spelling of offline
+    assert str(to_train_config(compose_config(["logger=wandb"])).logger.mode) == "offline"
+
+
+def test_a_bad_wandb_mode_in_the_environment_is_one_line(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("WANDB_MODE", "sometimes")
+    assert main(["logger=wandb", f"run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("mptlike-train: error: WANDB_MODE='sometimes' is not a valid logger.mode: use online, offline or "
+                   "disabled (or unset WANDB_MODE)")
+    assert not (tmp_path / "run").exists()
+
+
+def test_wandb_mode_disabled_in_the_environment_writes_no_wandb_files(corpus, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    run_dir = tmp_path / "run"
+    args = [
+        "trainer=cpu", "model.d_model=64", "model.n_heads=4", "model.n_layers=2", "model.max_seq_len=32",
+        "model.vocab_size=320", "data=folder", f"data.path={corpus}", "trainer.global_batch_size=4",
+        "trainer.micro_batch_size=2", "trainer.max_steps=2", "trainer.progress_bar=false", "eval.every_n_steps=0",
+        "eval.at_end=false", "checkpoint.every_n_steps=0", "checkpoint.export_final=false", "sample.max_new_tokens=0",
+        "logger=wandb", f"run_dir={run_dir}",
+    ]
+    assert main(args) == 0
+    assert not (run_dir / "wandb").exists() and not (run_dir / "wandb_run_id").exists()

@@ -228,6 +228,7 @@ def compose_config(overrides: list[str], folder: Path | None = None) -> Any:
             cfg = compose(config_name="config", overrides=list(overrides))
     except (HydraException, OmegaConfBaseException) as exc:
         raise MptlikeError(describe_config_error(exc)) from None
+    _apply_wandb_environment(cfg, overrides)
     # Hydra opens the config for `+key=value`, so a key the schema lacks lands in it and would be
     # dropped without a word when the dataclasses are built: refuse it here, like any unknown key.
     unknown = _keys_outside_schema(cfg, TrainConfig)
@@ -236,6 +237,35 @@ def compose_config(overrides: list[str], folder: Path | None = None) -> Any:
         raise MptlikeError(f"unknown config key '{unknown[0]}' (from {given}): check its spelling "
                            f"(`mptlike-train --cfg` shows every key)")
     return cfg
+
+
+# W&B's own environment variables, as its users set them on clusters. One precedence: a key given on the
+# command line wins over the environment, which wins over the config files and the schema.
+_WANDB_ENV = {"WANDB_MODE": "logger.mode", "WANDB_PROJECT": "logger.project", "WANDB_ENTITY": "logger.entity",
+              "WANDB_RUN_GROUP": "logger.group", "WANDB_TAGS": "logger.tags"}
+_WANDB_MODE_ALIASES = {"dryrun": "offline", "run": "online"}  # older spellings W&B still accepts
+
+
+def _apply_wandb_environment(cfg: Any, overrides: list[str]) -> None:
+    import os
+
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    given = {o.lstrip("+~").split("=")[0] for o in overrides}
+    for var, key in _WANDB_ENV.items():
+        value: Any = os.environ.get(var, "").strip()
+        if not value or key in given:
+            continue
+        if var == "WANDB_MODE":
+            value = _WANDB_MODE_ALIASES.get(value, value)
+        if var == "WANDB_TAGS":
+            value = [tag.strip() for tag in value.split(",") if tag.strip()]
+        try:
+            OmegaConf.update(cfg, key, value, merge=False)
+        except OmegaConfBaseException:
+            hint = "use online, offline or disabled" if key == "logger.mode" else "check its value"
+            raise MptlikeError(f"{var}={os.environ[var]!r} is not a valid {key}: {hint} (or unset {var})") from None
 
 
 def _keys_outside_schema(node: Any, schema: type, prefix: str = "") -> list[str]:

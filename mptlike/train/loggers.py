@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import os
 import sys
 import uuid
 from collections.abc import Mapping
@@ -103,8 +104,10 @@ class WandbLogger:
         import wandb  # a heavy import, only for logger=wandb
 
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.run = wandb.init(dir=str(run_dir), mode=mode, id=wandb_run_id(run_dir), resume="allow", name=run_name,
-                              project=project, entity=entity, group=group, tags=list(tags), config=config)
+        # W&B's files go under run_dir unless WANDB_DIR says where (the run id stays in run_dir).
+        self.run = wandb.init(dir=os.environ.get("WANDB_DIR") or str(run_dir), mode=mode, id=wandb_run_id(run_dir),
+                              resume="allow", name=run_name, project=project, entity=entity, group=group,
+                              tags=list(tags), config=config)
         # A step metric of our own (not W&B's monotonic _step) lets a resumed run log its steps again.
         self.run.define_metric(self.STEP_METRIC)
         self.run.define_metric("*", step_metric=self.STEP_METRIC, step_sync=True)
