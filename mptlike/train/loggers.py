@@ -127,7 +127,8 @@ class WandbLogger:
 
 
 class ConsoleProgress:
-    """A tqdm bar with loss, tokens/s and MFU on a terminal; a log line every report otherwise."""
+    """A tqdm bar on a terminal, a log line otherwise, every report (trainer.log_every_n_steps and
+    the last step): loss, lr, gradient norm, tokens/s, MFU and peak memory."""
 
     def __init__(self, *, max_steps: int, start_step: int, bar: bool) -> None:
         self.max_steps = max_steps
@@ -142,15 +143,17 @@ class ConsoleProgress:
             return
         speed = f"{metrics['train/tokens_per_sec']:,.0f}" if "train/tokens_per_sec" in metrics else None
         mfu = f"{metrics['train/mfu']:.1%}" if "train/mfu" in metrics else "n/a"
+        grad_norm = f"{metrics['train/grad_norm']:.3f}" if "train/grad_norm" in metrics else "n/a"
+        memory = f"{metrics['train/memory_gb']:.2f} GB" if "train/memory_gb" in metrics else "n/a"
         if self._bar is not None:
-            postfix = {"loss": f"{metrics['train/loss']:.3f}"}
+            postfix = {"loss": f"{metrics['train/loss']:.3f}", "grad": grad_norm}
             if speed:
-                postfix.update({"tok/s": speed, "mfu": mfu})
+                postfix.update({"tok/s": speed, "mfu": mfu, "mem": memory})
             self._bar.set_postfix(postfix, refresh=False)
             self._bar.update(step - self._bar.n)
         elif speed:
-            log.info("step %d/%d | loss %.4f | lr %.2e | %s tok/s | mfu %s", step, self.max_steps,
-                     metrics["train/loss"], metrics["train/lr"], speed, mfu)
+            log.info("step %d/%d | loss %.4f | lr %.2e | grad norm %s | %s tok/s | mfu %s | memory %s", step,
+                     self.max_steps, metrics["train/loss"], metrics["train/lr"], grad_norm, speed, mfu, memory)
 
     def truncate(self, step: int) -> None:
         if self._bar is not None:
