@@ -26,6 +26,18 @@ def _column(metrics, name, steps):
     return [metrics[s][name] for s in steps]
 
 
+
+def assert_same_model_as_lightnings(config, state, lightning_run):
+    """A Composer checkpoint's (config, weights) load into MPTForCausalLM and equal the Lightning run's final/."""
+    from mptlike.model import MPTForCausalLM
+
+    model = MPTForCausalLM(config)
+    model.load_state_dict(state, strict=True)
+    reference = MPTForCausalLM.from_pretrained(lightning_run / "final")
+    assert config == reference.config
+    for name, tensor in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+
 def test_composer_per_step_losses_equal_the_lightning_path(lightning_run, composer_run):
     steps = range(1, MAX_STEPS + 1)
     reference = _column(read_metrics(lightning_run), "train/loss", steps)
@@ -70,15 +82,9 @@ def test_composer_checkpoint_weights_load_into_mpt_for_causal_lm_equal_to_the_li
     lightning_run, composer_run
 ):
     from mptlike.integrations.composer.checkpoints import read_composer_checkpoint
-    from mptlike.model import MPTForCausalLM
 
     config, state = read_composer_checkpoint(composer_run / "checkpoints" / f"ep0-ba{MAX_STEPS}-rank0.pt")
-    model = MPTForCausalLM(config)
-    model.load_state_dict(state, strict=True)
-    reference = MPTForCausalLM.from_pretrained(lightning_run / "final")
-    assert config == reference.config
-    for name, tensor in reference.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_model_as_lightnings(config, state, lightning_run)
 
 
 def test_mptlike_convert_writes_a_transformers_model_from_a_composer_checkpoint(lightning_run, composer_run, tmp_path):
@@ -178,12 +184,6 @@ def test_a_sharded_composer_checkpoint_reads_in_one_process_as_the_lightning_wei
     lightning_run, composer_two_process_run
 ):
     from mptlike.integrations.composer.checkpoints import read_composer_checkpoint
-    from mptlike.model import MPTForCausalLM
 
     config, state = read_composer_checkpoint(composer_two_process_run / "checkpoints")  # latest: ep0-ba6/
-    model = MPTForCausalLM(config)
-    model.load_state_dict(state, strict=True)
-    reference = MPTForCausalLM.from_pretrained(lightning_run / "final")
-    assert config == reference.config
-    for name, tensor in reference.state_dict().items():
-        torch.testing.assert_close(model.state_dict()[name], tensor, rtol=1e-4, atol=1e-6, msg=name)
+    assert_same_model_as_lightnings(config, state, lightning_run)
