@@ -80,3 +80,17 @@ def test_precision_uses_autocast_on_one_device_and_a_policy_when_sharded():
     assert resolve_precision("auto", cuda=False, sharded=True).param_dtype is None  # fp32 on CPU
     with pytest.raises(MptlikeError, match="trainer.precision=fp16"):
         resolve_precision("fp16", cuda=True, sharded=False)
+
+
+def test_the_models_output_is_a_pytree_that_shows_its_tensors_to_fsdp2():
+    # FSDP2 before torch 2.13 (2.11 on the GPU machine) finds the root module's outputs with torch's pytree
+    # to all-gather the root's parameters again for backward; an opaque output made backward read the
+    # freed storage of the tied head (found by make gpu-check, FSDP2 at world size 8 on an H200).
+    from torch.utils._pytree import tree_flatten
+
+    model = _plain_model(0)
+    tokens = torch.randint(0, CFG.vocab_size, (2, 9))
+    out = model(tokens[:, :-1], labels=tokens[:, 1:])
+    leaves, _ = tree_flatten(out)
+    assert any(leaf is out.loss for leaf in leaves) and any(leaf is out.logits for leaf in leaves)
+    assert all(leaf.requires_grad for leaf in leaves if isinstance(leaf, torch.Tensor))

@@ -55,6 +55,12 @@ class MPTOutput:
     past_key_values: KVCache | None = None
 
 
+# A pytree node, so that code walking a module's outputs with torch's pytree finds the tensors inside:
+# FSDP2 before torch 2.13 looks for the root module's outputs that way to all-gather its parameters
+# (embeddings, the tied head) again for backward; as an opaque leaf, backward read freed storage.
+torch.utils._pytree.register_dataclass(MPTOutput)
+
+
 class MPTAttention(nn.Module):
     """Grouped-query attention with one fused Wqkv projection (MHA when kv_n_heads == n_heads)."""
 
