@@ -385,35 +385,47 @@ class _Kernels:
 _TUNE_KEY = ["SQ_BUCKET", "SK_BUCKET", "BH_BUCKET", "HEAD_DIM", "HAS_ALIBI", "HAS_SEQ"]
 _SMEM_BYTES = 200 * 1024  # stay under H100's 228 KiB per block with room for the compiler's scratch
 
-# Autotune candidates for H100 as (outer block, inner block, num_warps, num_stages): the outer block
-# stays resident (query rows in forward and dQ, key rows in dK/dV), the inner one streams. Each list
-# keeps the head_dim-128 shapes that compile for sm_90 with the fewest register spills (checked with
-# cuobjdump --dump-resource-usage); a short list also keeps the first call's compile time down.
-_FWD_CONFIGS = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 64, 8, 3)]
-_DKDV_CONFIGS = [(128, 32, 8, 3), (128, 16, 8, 3), (64, 64, 8, 2), (64, 32, 8, 3), (64, 64, 4, 3)]
-_DQ_CONFIGS = [(128, 32, 8, 3), (128, 32, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (64, 32, 4, 3)]
+# Autotune candidates as (outer block, inner block, num_warps, num_stages): the outer block stays
+# resident (query rows in forward and dQ, key rows in dK/dV), the inner one streams. Every candidate
+# costs a compile the first time a shape family (head dim, ALiBi, documents, dtype) is seen, about
+# 1.7 s each on an H200 host, so each list keeps only the tiles that won somewhere: on an H200
+# (make gpu-check, 2026-11-27; benchmarks/RESULTS.md) over head dims 64 and 128, seq 1000-8192 and
+# 4-128 batch x heads, the forward picked (64, 64, 4, 3) everywhere but 8192 x 32 heads
+# (128, 64, 8, 3), dK/dV (128, 32, 8, 3) at head dim 128 and (64, 64, 4, 3) at 64, dQ (64, 32, 4, 3)
+# at 128 and (64, 64, 4, 3) at 64. Eleven other candidates (from register-spill checks with cuobjdump)
+# never won, and cost 27 s of compile per shape family.
+_FWD_CONFIGS = [(128, 64, 8, 3), (64, 64, 4, 3)]
+_DKDV_CONFIGS = [(128, 32, 8, 3), (64, 64, 4, 3)]
+_DQ_CONFIGS = [(64, 32, 4, 3), (64, 64, 4, 3)]
 
 
 def _configs(candidates: list[tuple[int, int, int, int]], outer_key: str, inner_key: str):
     return [triton.Config({outer_key: o, inner_key: i}, num_warps=w, num_stages=s) for o, i, w, s in candidates]
 
 
+# Smaller tiles for when no candidate fits (fp32 inputs need twice the bytes of bf16): the first that fits.
+_FALLBACK_TILES = [(64, 32, 2), (32, 32, 2), (32, 16, 1)]  # (outer, inner, num_stages), 4 warps
+
+
 def _prune(outer_key: str, inner_key: str, outer_tiles: int, inner_tiles: int):
     """Drop configs whose tiles (outer resident, inner once per stage) cannot fit in shared memory.
 
     Tiles hold the inputs' dtype (every kernel's first argument is Q): fp32 needs twice the bytes of bf16.
+    When no candidate fits, the first fallback tiling that does.
     """
 
     def prune(configs, named_args, **kwargs):
         head_dim = named_args.get("BLOCK_D", kwargs.get("BLOCK_D", 128))
         element_size = named_args["Q"].element_size()
-        kept = []
-        for cfg in configs:
-            o, i = cfg.kwargs[outer_key], cfg.kwargs[inner_key]
-            smem = element_size * head_dim * (outer_tiles * o + inner_tiles * i * cfg.num_stages)
-            if smem <= _SMEM_BYTES:
-                kept.append(cfg)
-        return kept or configs[:1]
+
+        def fits(o: int, i: int, stages: int) -> bool:
+            return element_size * head_dim * (outer_tiles * o + inner_tiles * i * stages) <= _SMEM_BYTES
+
+        kept = [c for c in configs if fits(c.kwargs[outer_key], c.kwargs[inner_key], c.num_stages)]
+        if kept:
+            return kept
+        o, i, stages = next((t for t in _FALLBACK_TILES if fits(*t)), _FALLBACK_TILES[-1])
+        return [triton.Config({outer_key: o, inner_key: i}, num_warps=4, num_stages=stages)]
 
     return prune
 
