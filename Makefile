@@ -39,7 +39,7 @@ lint: $(VENV)/.dev
 
 # One prepared GPU check (benchmarks/gpu_check.py): environment, bf16 matmul ceiling, attention
 # correctness and timings, training throughput, the GPU tests and the memory estimate, each stage in
-# its own process under its own time limit, 8 minutes in all. Writes summary.md, gpu_check.json and
+# its own process under its own time limit, 9 minutes in all. Writes summary.md, gpu_check.json and
 # gpu_check.log under $OUT (else runs/gpu-check). Needs only a Python with torch: a bare GPU machine
 # has no .venv, so plain python3 runs it there.
 GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)

@@ -188,6 +188,8 @@ def bench_one(impl: str, shape: Shape, dtype, device, use_alibi: bool, timer) ->
             torch.autograd.backward(forward(), grad_out)
 
         out = forward()
+        # Backward alone replays one graph (retain_graph), which a compiled backward that donates its
+        # buffers (flex's) refuses: compiled graphs built here keep their buffers instead.
         result.bwd_ms = timer(lambda out=out: torch.autograd.backward(out, grad_out, retain_graph=True))
         del out
         result.fwd_bwd_ms = timer(forward_backward)
@@ -277,6 +279,10 @@ def build_shapes(args: argparse.Namespace, on_gpu: bool) -> list[Shape]:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    import torch._functorch.config as functorch_config
+
+    if hasattr(functorch_config, "donated_buffer"):
+        functorch_config.donated_buffer = False  # see bench_one: backward timed alone, graph retained
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
     on_gpu = device.type == "cuda"
     dtypes = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}

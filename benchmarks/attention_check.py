@@ -19,6 +19,7 @@ import json
 import math
 import os
 import sys
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -72,6 +73,7 @@ class Row:
     status: str  # ok | FAIL | error | n/a
     errors: dict[str, float] = field(default_factory=dict)  # out, dq, dk, dv
     note: str = ""
+    seconds: float = 0.0  # this backend on this case, compiling and autotuning included
 
 
 def _inputs(case: Case, device: torch.device, seed: int):
@@ -124,7 +126,17 @@ def available(device: torch.device) -> dict[str, str]:
     return reasons
 
 
+HEADER = f"{'impl':<7} {'case':<34} {'status':<6} {'out':>8} {'dq':>8} {'dk':>8} {'dv':>8} {'s':>6}  note"
+
+
+def format_row(r: Row) -> str:
+    errs = " ".join(f"{r.errors[n]:8.1e}" if n in r.errors else f"{'-':>8}" for n in ("out", "dq", "dk", "dv"))
+    return f"{r.impl:<7} {r.case:<34} {r.status:<6} {errs} {r.seconds:6.1f}  {r.note}"
+
+
 def check(cases: list[Case], device: torch.device) -> list[Row]:
+    """Every backend on every case; each row printed as it ends (seconds include compiling and tuning)."""
+    print(HEADER, flush=True)
     rows = []
     for i, case in enumerate(cases):
         q, k, v, grad, sequence_id = _inputs(case, device, seed=i)
@@ -132,17 +144,23 @@ def check(cases: list[Case], device: torch.device) -> list[Row]:
         for impl, reason in available(device).items():
             if reason:
                 rows.append(Row(impl, case.name, "n/a", note=reason))
+                print(format_row(rows[-1]), flush=True)
                 continue
             backward = not (impl == "flex" and device.type != "cuda")
+            started = time.monotonic()
             try:
                 got = _run(impl, q, k, v, grad, sequence_id, case, backward)
             except (RuntimeError, MptlikeError) as exc:
-                rows.append(Row(impl, case.name, "error", note=str(exc).splitlines()[0][:160]))
+                rows.append(Row(impl, case.name, "error", note=str(exc).splitlines()[0][:160],
+                                seconds=time.monotonic() - started))
+                print(format_row(rows[-1]), flush=True)
                 continue
             errors = {name: _relative(got[name], ref[name]) for name in got}
             ok = all(e <= TOLERANCE for e in errors.values())
             rows.append(Row(impl, case.name, "ok" if ok else "FAIL", errors,
-                            "" if backward else "forward only (flex has no backward off GPU)"))
+                            "" if backward else "forward only (flex has no backward off GPU)",
+                            seconds=time.monotonic() - started))
+            print(format_row(rows[-1]), flush=True)
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return rows
@@ -159,10 +177,6 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cuda" if on_gpu else "cpu")
     torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference stays fp32
     rows = check(GPU_CASES if on_gpu else CPU_CASES, device)
-    print(f"{'impl':<7} {'case':<34} {'status':<6} {'out':>8} {'dq':>8} {'dk':>8} {'dv':>8}  note")
-    for r in rows:
-        errs = " ".join(f"{r.errors[n]:8.1e}" if n in r.errors else f"{'-':>8}" for n in ("out", "dq", "dk", "dv"))
-        print(f"{r.impl:<7} {r.case:<34} {r.status:<6} {errs}  {r.note}")
     if args.out:
         payload = {"device": torch.cuda.get_device_name() if on_gpu else "cpu", "dtype": "bfloat16",
                    "reference": "torch backend on fp32 copies", "tolerance": TOLERANCE,

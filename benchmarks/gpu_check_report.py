@@ -57,9 +57,10 @@ def _attention_check(stages: dict[str, dict]) -> list[str]:
     if not data:
         return []
     rows = [[r["impl"], r["case"], r["status"], *(_fmt(r["errors"].get(k), ".1e") for k in ("out", "dq", "dk", "dv")),
-             r["note"]] for r in data["rows"]]
+             _fmt(r.get("seconds"), ".1f"), r["note"]] for r in data["rows"]]
     return ["", f"### Attention correctness ({data['dtype']} against the fp32 reference; relative error, tolerance "
-            f"{data['tolerance']:g})", "", *_table(["impl", "case", "status", "out", "dq", "dk", "dv", "note"], rows)]
+            f"{data['tolerance']:g})", "", *_table(
+        ["impl", "case", "status", "out", "dq", "dk", "dv", "s (compile included)", "note"], rows)]
 
 
 def _attention_timings(stages: dict[str, dict]) -> tuple[list[str], dict[tuple[str, int], float]]:
@@ -114,12 +115,15 @@ def _memory(stages: dict[str, dict]) -> list[str]:
 
 
 def _tests(stages: dict[str, dict]) -> list[str]:
-    data = _data(stages, "gpu_tests")
-    if not data:
-        return []
-    line = (f"GPU tests (`pytest -m gpu`): {data['passed']} passed, {data['failures'] + data['errors']} failed, "
-            f"{data['skipped']} skipped")
-    return ["", line, *(f"- failed: `{name}`" for name in data["failed_tests"])]
+    lines = []
+    for name, what in (("gpu_tests", "kernels, loss, eval, generation"), ("gpu_train_tests", "training runs")):
+        data = _data(stages, name)
+        if not data:
+            continue
+        lines += ["", f"GPU tests, {what} (`pytest -m gpu`): {data['passed']} passed, "
+                  f"{data['failures'] + data['errors']} failed, {data['skipped']} skipped",
+                  *(f"- failed: `{test}`" for test in data["failed_tests"])]
+    return lines
 
 
 def _targets(payload: dict, stages: dict[str, dict], fwd_bwd: dict[tuple[str, int], float]) -> list[str]:
