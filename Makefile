@@ -47,19 +47,29 @@ gpu-check:
 	$(GPU_CHECK_PYTHON) benchmarks/gpu_check.py --out "$(or $(OUT),runs/gpu-check)"
 
 # MosaicML Composer 0.32 (its last release) needs torch >= 2.6, < 2.7.1 and torchvision, so it
-# gets its own environment. The stamp names the pins and pyproject.toml's hash: an environment
-# kept between runs (COMPOSER_VENV outside the checkout, as .ci/run does) is reused until one changes.
+# gets its own environment, which also holds llm-foundry 0.22.0 (the latest release), the reference
+# of the interop tests. llm-foundry's resolver backtracks for more than ten minutes, so it and
+# mosaicml-streaming install without their dependencies, next to the ones its MPT imports; its
+# transformers pin (< 4.52) is why this environment takes pytest alone, not our dev extra. The stamp
+# names the pins and pyproject.toml's hash: an environment kept between runs (COMPOSER_VENV outside
+# the checkout, as .ci/run does) is reused until one changes.
 COMPOSER_VENV ?= .venv-composer
 COMPOSER_TORCH ?= torch==2.7.0
+FOUNDRY_NO_DEPS := llm-foundry==0.22.0 mosaicml-streaming==0.12.*
+FOUNDRY_DEPS := transformers>=4.51,<4.52 einops==0.8.1 omegaconf accelerate<1.9 huggingface-hub<0.34 catalogue \
+	Brotli python-snappy zstd xxhash GitPython mlflow<3 datasets<3.7 tenacity beautifulsoup4
 CBIN := $(COMPOSER_VENV)/bin
-COMPOSER_STAMP := $(COMPOSER_VENV)/.stamp-$(subst ==,-,$(COMPOSER_TORCH))-$(shell sha256sum pyproject.toml | cut -c1-12)
+PINS_HASH := $(shell echo '$(COMPOSER_TORCH) $(FOUNDRY_NO_DEPS) $(FOUNDRY_DEPS)' | cat - pyproject.toml | sha256sum | cut -c1-12)
+COMPOSER_STAMP := $(COMPOSER_VENV)/.stamp-$(subst ==,-,$(COMPOSER_TORCH))-$(PINS_HASH)
 
 $(CBIN)/python:
 	$(PYTHON) -m venv $(COMPOSER_VENV)
 
 $(COMPOSER_STAMP): | $(CBIN)/python
 	$(CBIN)/pip install -q "$(COMPOSER_TORCH)"
-	$(CBIN)/pip install -q -e ".[composer,dev]"
+	$(CBIN)/pip install -q -e ".[composer]" "pytest>=8"
+	$(CBIN)/pip install -q $(foreach p,$(FOUNDRY_DEPS),"$(p)")
+	$(CBIN)/pip install -q --no-deps $(foreach p,$(FOUNDRY_NO_DEPS),"$(p)")
 	rm -f $(COMPOSER_VENV)/.stamp-*
 	touch $@
 
@@ -67,8 +77,9 @@ composer-env: $(COMPOSER_STAMP)
 	@# A reused environment may point at another checkout: re-link this one (seconds, no downloads).
 	$(CBIN)/pip install -q --no-deps -e .
 
+# The Composer backend's tests and the tests against llm-foundry 0.22 (tests/foundry).
 test-composer: composer-env
-	$(CBIN)/python -m pytest -q -m composer tests/composer_backend
+	$(CBIN)/python -m pytest -q -m "composer or foundry" tests/composer_backend tests/foundry
 
 clean:
 	rm -rf $(VENV) $(COMPOSER_VENV) runs data
