@@ -84,11 +84,20 @@ def test_decoupled_lionw_matches_naive_lion_with_decoupled_decay(foreach):
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-7)
 
 
-def test_weight_decay_skips_norm_weights_and_biases():
+def test_decay_params_matrices_skips_norm_weights_and_biases_and_all_decays_every_parameter():
     model = torch.nn.Sequential(torch.nn.Linear(4, 4, bias=True), torch.nn.LayerNorm(4))
-    opt = build_optimizer(model, name="decoupled_adamw", lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
-    decayed = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
-    assert decayed == {id(model[0].weight)}
+
+    def decayed(decay_params):
+        opt = build_optimizer(model, name="decoupled_adamw", lr=1e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1,
+                              decay_params=decay_params)
+        # The same two groups either way, so a checkpoint resumes under the other setting.
+        assert [len(g["params"]) for g in opt.param_groups] == [1, 3]
+        return {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+
+    assert decayed("matrices") == {id(model[0].weight)}
+    assert decayed("all") == {id(p) for p in model.parameters()}
+    with pytest.raises(MptlikeError, match="optim.decay_params"):
+        decayed("norms")
 
 
 def test_bad_optimizer_values_raise_errors_naming_the_key():
@@ -119,11 +128,24 @@ def test_linear_and_constant_schedules():
 def test_scheduler_sets_lr_and_keeps_initial_lr_at_the_peak():
     p = torch.nn.Parameter(torch.zeros(1))
     opt = DecoupledAdamW([p], lr=1.0)
-    sched = LRScheduler(opt, Schedule("cosine", max_steps=10, warmup_steps=0, alpha_f=0.1), peak_lr=2e-3)
+    schedule = Schedule("cosine", max_steps=10, warmup_steps=0, alpha_f=0.1, timing="exact")
+    sched = LRScheduler(opt, schedule, peak_lr=2e-3)
     lr = sched.apply(10)
     assert lr == pytest.approx(2e-4)
     assert opt.param_groups[0]["lr"] == pytest.approx(2e-4)
     assert opt.param_groups[0]["initial_lr"] == 2e-3
+
+
+def test_composer_timing_trains_step_t_at_the_multiplier_of_t_minus_1_and_exact_at_t():
+    composer = Schedule("cosine", max_steps=10, warmup_steps=4, alpha_f=0.1)
+    exact = Schedule("cosine", max_steps=10, warmup_steps=4, alpha_f=0.1, timing="exact")
+    assert [composer.for_step(t) for t in range(4)] == pytest.approx([0.0, 0.0, 0.25, 0.5])
+    assert [exact.for_step(t) for t in range(4)] == pytest.approx([0.0, 0.25, 0.5, 0.75])
+    assert composer.for_step(10) == exact.for_step(9)
+    p = torch.nn.Parameter(torch.zeros(1))
+    assert LRScheduler(DecoupledAdamW([p], lr=1.0), composer, peak_lr=1e-3).apply(3) == pytest.approx(5e-4)
+    with pytest.raises(MptlikeError, match="optim.lr_timing"):
+        Schedule("cosine", max_steps=10, timing="late")
 
 
 def test_unknown_schedule_is_refused():

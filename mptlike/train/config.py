@@ -22,8 +22,8 @@ from mptlike.model import MPTConfig
 from mptlike.parallel.materialize import INIT_MODES
 from mptlike.parallel.parallelize import AC_MODES
 from mptlike.parallel.precision import DTYPES
-from mptlike.train.optim import IMPLS, OPTIMIZERS
-from mptlike.train.schedule import SCHEDULES
+from mptlike.train.optim import DECAY_PARAMS, IMPLS, OPTIMIZERS
+from mptlike.train.schedule import LR_TIMINGS, SCHEDULES
 
 SCHEMA_NAME = "mptlike_schema"
 
@@ -55,6 +55,8 @@ ActivationCheckpointing = choices("ActivationCheckpointing", AC_MODES)
 InitMode = choices("InitMode", INIT_MODES)
 OptimName = choices("OptimName", OPTIMIZERS)
 LrSchedule = choices("LrSchedule", SCHEDULES)
+LrTiming = choices("LrTiming", LR_TIMINGS)
+DecayParams = choices("DecayParams", DECAY_PARAMS)
 OptimImpl = choices("OptimImpl", IMPLS)
 LoggerName = choices("LoggerName", ("csv", "wandb", "none"))
 WandbMode = choices("WandbMode", ("offline", "online", "disabled"))
@@ -114,9 +116,15 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.95])
     eps: float = 1e-8
     weight_decay: float = 0.0  # decoupled: weights shrink by weight_decay * lr / optim.lr per step
+    # all: every parameter decays, norms and biases too (llm-foundry, torchtitan, litgpt);
+    # matrices: linear weights and embeddings only (nanoGPT's split)
+    decay_params: DecayParams = DecayParams("all")
     schedule: LrSchedule = LrSchedule("cosine")  # after warmup
     warmup_steps: int = 100
     alpha_f: float = 0.1  # final lr as a fraction of optim.lr
+    # composer: step t trains with the schedule's value at t - 1 (steps 0 and 1 at that of 0), as every
+    # Composer / llm-foundry run does; exact: at t (mptlike.train.schedule)
+    lr_timing: LrTiming = LrTiming("composer")
     grad_clip: float = 1.0  # max global gradient norm; 0 disables clipping
     impl: OptimImpl = OptimImpl("auto")  # auto: fused on GPU, foreach elsewhere
 

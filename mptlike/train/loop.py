@@ -141,7 +141,8 @@ class Run:
         self.rank_zero = self.rank == 0
         self.model = build_model(plan, fabric)
         self.optimizer = build_optimizer(self.model, name=str(o.name), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                         weight_decay=o.weight_decay, impl=str(o.impl), device_type=fabric.device.type)
+                                         weight_decay=o.weight_decay, decay_params=str(o.decay_params),
+                                         impl=str(o.impl), device_type=fabric.device.type)
         self.scheduler = LRScheduler(self.optimizer, plan.schedule, o.lr)
         train_data = TokenDataset(plan.data.path, "train", seq_len=plan.model_config.max_seq_len,
                                   with_sequence_id=plan.model_config.attn_uses_sequence_id)

@@ -22,6 +22,7 @@ from mptlike.errors import MptlikeError
 
 OPTIMIZERS = ("decoupled_adamw", "decoupled_lionw")
 IMPLS = ("auto", "fused", "foreach", "for")
+DECAY_PARAMS = ("all", "matrices")
 
 
 class DecoupledAdamW(torch.optim.AdamW):
@@ -106,15 +107,22 @@ class DecoupledLionW(torch.optim.Optimizer):
         return loss
 
 
-def decay_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Decay matrices (linear weights, embeddings); never norms or biases, whose scale is meaningful."""
-    decay, no_decay = [], []
+def decay_groups(model: nn.Module, weight_decay: float, decay_params: str = "all") -> list[dict[str, Any]]:
+    """Matrices (linear weights, embeddings) in one group, norms and biases in another.
+
+    `all` decays both, as llm-foundry's optimizer builder (every parameter), torchtitan and litgpt do;
+    `matrices` leaves norms and biases undecayed, whose scale is meaningful. The groups are the same
+    either way, so a checkpoint written under one setting resumes under the other.
+    """
+    if decay_params not in DECAY_PARAMS:
+        raise MptlikeError(f"optim.decay_params={decay_params!r} is unknown: choose one of {', '.join(DECAY_PARAMS)}")
+    matrices, others = [], []
     for param in model.parameters():
         if param.requires_grad:
-            (decay if param.ndim >= 2 else no_decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}]
-    if no_decay:
-        groups.append({"params": no_decay, "weight_decay": 0.0})
+            (matrices if param.ndim >= 2 else others).append(param)
+    groups = [{"params": matrices, "weight_decay": weight_decay}]
+    if others:
+        groups.append({"params": others, "weight_decay": weight_decay if decay_params == "all" else 0.0})
     return groups
 
 
@@ -132,11 +140,12 @@ def build_optimizer(
     betas: tuple[float, float],
     eps: float,
     weight_decay: float,
+    decay_params: str = "all",
     impl: str = "auto",
     device_type: str = "cpu",
 ) -> torch.optim.Optimizer:
     check_optimizer_args(name=name, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, impl=impl)
-    groups = decay_groups(model, weight_decay)
+    groups = decay_groups(model, weight_decay, decay_params)
     if name == "decoupled_adamw":
         return DecoupledAdamW(groups, lr=lr, betas=tuple(betas), eps=eps, **_impl_flags(impl, device_type))
     # Lion has no fused kernel in torch: "fused" falls back to foreach.

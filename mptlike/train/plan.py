@@ -412,7 +412,8 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
         reshard_after_forward=cfg.parallel.reshard_after_forward,
         accumulate_unsharded=cfg.parallel.accumulate_unsharded,
     )
-    schedule = Schedule(cfg.optim.schedule, cfg.trainer.max_steps, cfg.optim.warmup_steps, cfg.optim.alpha_f)
+    schedule = Schedule(str(cfg.optim.schedule), cfg.trainer.max_steps, cfg.optim.warmup_steps, cfg.optim.alpha_f,
+                        timing=str(cfg.optim.lr_timing))
     data = None
     resume_from = None
     init_from = None

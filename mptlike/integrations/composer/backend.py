@@ -1,8 +1,9 @@
 """`trainer.backend=composer`: composer.Trainer drives the loop; `fit(plan)` is what mptlike.train.run calls.
 
 `build_composer_trainer(plan)` gives the same training as the Lightning loop, step for step: the
-same model init, our optimizer objects (DecoupledAdamW / DecoupledLionW), our schedule function in
-a LambdaLR (so every learning rate is the same number), global-norm clipping, the NonFiniteGuard,
+same model init, our optimizer objects (DecoupledAdamW / DecoupledLionW), our schedule function
+(handed to Composer as its own kind of scheduler, so `optim.lr_timing=composer` is Composer's timing
+itself; a LambdaLR counting its own steps for `exact`), global-norm clipping, the NonFiniteGuard,
 and our loader's sample order. Composer owns the loop, precision, FSDP2 sharding and checkpoints;
 mptlike's loggers, throughput meter and preemption handling ride along as callbacks.
 
@@ -21,6 +22,7 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from composer import Trainer
@@ -62,8 +64,23 @@ EVAL_LABEL = "eval"
 _DIST_ENV = ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")
 
 
+class ComposerSchedule:
+    """Our schedule as a Composer scheduler: a function of the trainer's State, read at its batch count.
+
+    Composer compiles it into a LambdaLR that it steps at the end of each batch, before the batch
+    counter advances, so batch t trains with schedule(t - 1) (batches 0 and 1 with schedule(0)):
+    `optim.lr_timing=composer` here is Composer's own behaviour, the timing of every llm-foundry run.
+    """
+
+    def __init__(self, schedule: Schedule) -> None:
+        self.schedule = schedule
+
+    def __call__(self, state: Any, ssr: float = 1.0) -> float:
+        return self.schedule(int(state.timestamp.batch))
+
+
 def lambda_schedule(optimizer: torch.optim.Optimizer, schedule: Schedule) -> torch.optim.lr_scheduler.LambdaLR:
-    """Our schedule as a LambdaLR: batch t trains with optim.lr * schedule(t), as in the Lightning loop.
+    """Our schedule as a LambdaLR: batch t trains with optim.lr * schedule(t) (`optim.lr_timing=exact`).
 
     LambdaLR counts its own steps (saved in Composer's checkpoint); a plain function keeps the
     schedule itself out of the checkpoint, so a resumed run follows the config it was started with.
@@ -113,17 +130,18 @@ def build_model(plan: RunPlan, device: torch.device) -> MPTForCausalLM:
 
 
 def _keep_config_hyperparameters(
-    optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR, peak_lr: float
-) -> Callable[[], None]:
+    optimizer: torch.optim.Optimizer, schedule: Schedule, peak_lr: float
+) -> Callable[[torch.optim.lr_scheduler.LambdaLR, int], None]:
     """Returns a function that, after a checkpoint was loaded, puts the config's hyperparameters back.
 
     Loading restores param groups and the schedule's base rates as they were saved; as in the
     Lightning loop, moments and the step come from the checkpoint, hyperparameters from the config.
+    The next batch trains with the lr its timing gives it (under `composer`, that of the step before).
     """
     saved = [{k: g[k] for k in ("betas", "eps", "weight_decay") if k in g} for g in optimizer.param_groups]
 
-    def restore() -> None:
-        multiplier = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    def restore(scheduler: torch.optim.lr_scheduler.LambdaLR, next_step: int) -> None:
+        multiplier = schedule.for_step(next_step)
         for group, values in zip(optimizer.param_groups, saved, strict=True):
             group.update(values, initial_lr=peak_lr, lr=peak_lr * multiplier)
         scheduler.base_lrs = [peak_lr] * len(optimizer.param_groups)
@@ -132,7 +150,8 @@ def _keep_config_hyperparameters(
 
 
 def _trainer(plan: RunPlan, model: ComposerMPT, loader: ResumableLoader, optimizer: torch.optim.Optimizer,
-             scheduler: torch.optim.lr_scheduler.LambdaLR, evaluator: Evaluator | None, callbacks: list[Callback],
+             scheduler: ComposerSchedule | torch.optim.lr_scheduler.LambdaLR, evaluator: Evaluator | None,
+             callbacks: list[Callback],
              metrics: MptlikeMetrics) -> Trainer:
     """composer.Trainer with our pieces, and the settings that make it train as the Lightning loop does."""
     cfg = plan.cfg
@@ -219,9 +238,11 @@ def build_composer_trainer(
 
     model = ComposerMPT(build_model(plan, device))
     optimizer = build_optimizer(model.model, name=str(o.name), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
-                                weight_decay=o.weight_decay, impl=str(o.impl), device_type=device.type)
-    scheduler = lambda_schedule(optimizer, plan.schedule)
-    restore_hyperparameters = _keep_config_hyperparameters(optimizer, scheduler, o.lr)
+                                weight_decay=o.weight_decay, decay_params=str(o.decay_params), impl=str(o.impl),
+                                device_type=device.type)
+    scheduler = (ComposerSchedule(plan.schedule) if plan.schedule.timing == "composer"
+                 else lambda_schedule(optimizer, plan.schedule))
+    restore_hyperparameters = _keep_config_hyperparameters(optimizer, plan.schedule, o.lr)
     train = TokenDataset(plan.data.path, "train", seq_len=plan.model_config.max_seq_len,
                          with_sequence_id=plan.model_config.attn_uses_sequence_id)
     # One item per step: this rank's share of the global batch, which Composer cuts into micro-batches.
@@ -260,7 +281,7 @@ def build_composer_trainer(
         loggers.close()  # a W&B run is finished even when Composer refuses the setup
         raise
     if plan.resume_from is not None:
-        restore_hyperparameters()
+        restore_hyperparameters(trainer.state.schedulers[0], int(trainer.state.timestamp.batch))
         restore_checkpoint_rng(trainer)
         log.info("resumed from %s at step %d", plan.resume_from, int(trainer.state.timestamp.batch))
     elif plan.init_from is not None:
