@@ -141,7 +141,8 @@ def test_foundry_grouped_query_config_maps_kv_heads_and_ignores_stale_kv_n_heads
     assert gqa.config.kv_n_heads == 2 and gqa.config.qk_ln and gqa.layout == "llm-foundry"
     mqa = config_from_hf(mpt7b_style_config(attn_type="multiquery_attention"))
     assert mqa.config.kv_n_heads == 1
-    # Newer llm-foundry writes kv_n_heads: 1 into every attn_config; multi-head attention ignores it.
+    # llm-foundry releases of 2023-24 wrote kv_n_heads: 1 into every attn_config (their default);
+    # multi-head attention ignores it.
     mha = config_from_hf(mpt7b_style_config(kv_n_heads=1))
     assert mha.config.kv_n_heads == N_HEADS
 
@@ -155,3 +156,44 @@ def test_foundry_defaults_apply_when_keys_are_absent():
     info = config_from_hf(values)
     # llm-foundry's own defaults: biases on, ALiBi off (so learned positions on).
     assert not info.config.no_bias and not info.config.alibi and info.config.learned_pos_emb
+
+
+@pytest.mark.parametrize(
+    "change,feature",
+    [
+        ({"head_dim": 32}, "head_dim=32 (mptlike's head_dim is d_model / n_heads = 16)"),
+        ({"attention_bias": True}, "attention_bias=true with no_bias=true"),
+        ({"fc_type": {"name": "te"}}, "fc_type={'name': 'te'}"),
+    ],
+)
+def test_llm_foundry_0_22_keys_we_do_not_build_are_refused_as_features(tmp_path, capsys, change, feature):
+    """Not a weights/config mismatch: the one line names the feature (tests/foundry builds them for real)."""
+    write_sharded_bin(tmp_path / "mpt", published_state(reference_model()), {**mpt7b_style_config(), **change})
+    capsys.readouterr()
+    assert convert(["from-hf", str(tmp_path / "mpt"), str(tmp_path / "ours")]) == 2
+    line = capsys.readouterr().err.strip()
+    assert "\n" not in line and "does not implement" in line and feature in line and "same model" not in line
+    assert not (tmp_path / "ours").exists()
+
+
+def test_llm_foundry_0_22_defaults_written_out_are_accepted():
+    from mptlike.integrations.hf import config_from_hf
+
+    values = mpt7b_style_config(
+        fused_qkv=True, kv_dim=None, nope=False, qk_gn=False, rope=False, rope_impl="dail", rope_theta=10000,
+        sliding_window_size=-1, attn_logit_softcapping=None, attn_temperature_tuning={"attn_scale": 0.0,
+                                                                                      "floor_scale": 8192})
+    del values["attn_config"]["prefix_lm"]
+    values.update(head_dim=None, attention_bias=False, fc_type={"name": "torch"}, norm_eps=1e-6,
+                  ffn_config={"ffn_type": "mptmlp", "fc_type": {"name": "torch"}}, use_pad_tok_in_ffn=True,
+                  block_overrides=None, final_logit_softcapping=None)
+    info = config_from_hf(values)
+    assert info.layout == "llm-foundry" and info.config.norm_eps == 1e-6 and info.config.no_bias
+
+
+def test_ffn_hidden_size_that_floating_point_division_does_not_give_back():
+    from mptlike.integrations.hf import config_from_hf
+
+    assert int(56 * (115 / 56)) == 114  # the naive ratio loses a unit
+    values = {**mpt7b_style_config(), "d_model": 56, "ffn_config": {"ffn_type": "mptmlp", "ffn_hidden_size": 115}}
+    assert config_from_hf(values).config.ffn_hidden_size == 115

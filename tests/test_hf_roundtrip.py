@@ -109,16 +109,36 @@ def test_every_feature_transformers_lacks_is_named_in_one_error():
 
 def test_remote_code_export_keeps_gqa_qk_ln_biases_and_learned_positions(tmp_path):
     ours = tiny(kv_n_heads=2, qk_ln=True, no_bias=False, expansion_ratio=2.5, logit_scale="inv_sqrt_d_model",
-                alibi=False, learned_pos_emb=True, tie_word_embeddings=False, clip_qkv=6.0, init_name="baseline_")
+                alibi=False, learned_pos_emb=True, tie_word_embeddings=False, clip_qkv=6.0, init_name="baseline_",
+                norm_eps=1e-6)
     out = export(ours, tmp_path / "remote", remote_code=True)
     values = json.loads((out / "config.json").read_text())
     assert values["model_type"] == "mpt" and values["architectures"] == ["MPTForCausalLM"]
     assert values["attn_config"]["attn_type"] == "grouped_query_attention"
     assert values["attn_config"]["kv_n_heads"] == 2 and values["init_config"]["name"] == "baseline_"
+    # llm-foundry's q/k norms read their eps from attn_config, the other norms from norm_eps.
+    assert values["norm_eps"] == values["attn_config"]["norm_eps"] == 1e-6
     back = import_folder(out)
     assert back.config == ours.config
     for name, tensor in ours.state_dict().items():
         assert torch.equal(back.state_dict()[name], tensor), name
+
+
+@pytest.mark.parametrize("kv_n_heads,attn_type", [(4, "multihead_attention"), (1, "multiquery_attention")])
+def test_remote_code_attn_config_has_only_arguments_of_llm_foundry_0_22(kv_n_heads, attn_type):
+    """Its multi-head and multi-query classes take no kv_n_heads, and no class a prefix_lm (a TypeError on load)."""
+    values = hf.to_hf_config(MPTConfig(d_model=64, n_heads=4, n_layers=1, vocab_size=50, kv_n_heads=kv_n_heads),
+                             remote_code=True)
+    attn = values["attn_config"]
+    assert attn["attn_type"] == attn_type and attn["attn_impl"] == "torch"
+    assert "kv_n_heads" not in attn and "prefix_lm" not in attn and "norm_eps" not in attn
+    assert values["norm_eps"] == 1e-5 and values["fc_type"] == {"name": "torch"}
+
+
+def test_remote_code_refuses_learned_positions_next_to_alibi():
+    cfg = MPTConfig(d_model=64, n_heads=4, n_layers=1, vocab_size=50, alibi=True, learned_pos_emb=True)
+    with pytest.raises(MptlikeError, match="llm-foundry's MPT cannot express: learned_pos_emb=true with alibi=true"):
+        hf.to_hf_config(cfg, remote_code=True)
 
 
 def test_unsupported_hf_features_are_listed_together():

@@ -1,7 +1,8 @@
 """mptlike-convert: move weights between mptlike checkpoints and Hugging Face MPT folders.
 
-    mptlike-convert to-hf CHECKPOINT OUT_DIR [--remote-code]   ours -> transformers' MptForCausalLM
-    mptlike-convert from-hf HF_DIR OUT_DIR                     any MPT checkpoint -> save_pretrained
+    mptlike-convert to-hf CHECKPOINT OUT_DIR                  ours -> transformers' MptForCausalLM
+    mptlike-convert to-hf --remote-code CHECKPOINT OUT_DIR    ours -> llm-foundry's MPTForCausalLM
+    mptlike-convert from-hf HF_DIR OUT_DIR                    any MPT checkpoint -> save_pretrained
 
 Everything is read and checked before anything is written; the output appears complete under
 OUT_DIR or not at all.
@@ -48,8 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     to.add_argument(
         "--remote-code",
         action="store_true",
-        help="write llm-foundry's trust_remote_code config (attn_config/init_config), for models using "
-        "features transformers' MPT lacks (GQA/MQA, qk_ln, expansion_ratio != 4, biases, ...)",
+        help="write llm-foundry's MPT config (attn_config/ffn_config/init_config), which "
+        "llmfoundry.models.mpt.MPTForCausalLM.from_pretrained loads (checked with llm-foundry 0.22), for models "
+        "using features transformers' MPT lacks (GQA/MQA, qk_ln, expansion_ratio != 4, biases, ...)",
     )
     to.add_argument(
         "--tokenizer", metavar="SPEC", help="tokenizer.json (or its folder) to ship when the run's is unknown"
@@ -63,7 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
         "from-hf",
         help="Hugging Face MPT folder (transformers or llm-foundry layout) -> mptlike save_pretrained folder",
         description="Read config.json and model.safetensors / pytorch_model.bin (single or sharded with an "
-        "index) and write config.json + model.safetensors that MPTForCausalLM.from_pretrained loads.",
+        "index) and write config.json + model.safetensors that MPTForCausalLM.from_pretrained loads. "
+        "HF_DIR is written by transformers' or llm-foundry's save_pretrained (mosaicml/mpt-7b's 2023 layout "
+        "too); MPT features mptlike does not build (rope, GLU, RMSNorm, a custom head_dim, ...) are refused.",
     )
     frm.add_argument("hf_dir", metavar="HF_DIR")
     frm.add_argument("out_dir", metavar="OUT_DIR")
@@ -136,7 +140,7 @@ def to_hf(args: argparse.Namespace) -> int:
         copied = hf_io.copy_tokenizer_files(source.files, tmp) if source is not None else []
         if hf_io.TOKENIZER_JSON in copied and "tokenizer_config.json" not in copied:
             hf_io.write_tokenizer_config(tmp, eos_token=eos_token, model_max_length=cfg.max_seq_len)
-    layout = "llm-foundry trust_remote_code" if args.remote_code else "transformers MptForCausalLM"
+    layout = "llm-foundry MPTForCausalLM" if args.remote_code else "transformers MptForCausalLM"
     note = "" if source is None or source.files else f" (tokenizer {source.spec!r} has no tokenizer.json to ship)"
     if source is None:
         note = " (no tokenizer known: pass --tokenizer to ship one)"

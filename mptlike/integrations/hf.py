@@ -3,9 +3,10 @@
 Two published layouts share `model_type: "mpt"`:
 - transformers' native `MptForCausalLM` (no remote code): multi-head attention with ALiBi slopes
   for bias max 8, a GELU MLP of 4 * d_model, no biases anywhere, optionally an untied lm_head.
-- llm-foundry's `trust_remote_code` export, as published for mosaicml/mpt-7b: `attn_config`,
-  `init_config` and `ffn_config` dictionaries that also cover GQA/MQA, qk_ln, biases, learned
-  positions and logit scaling.
+- llm-foundry's MPT (`llmfoundry.models.mpt.MPTForCausalLM`, the `trust_remote_code` model of
+  mosaicml/mpt-7b): `attn_config`, `init_config` and `ffn_config` dictionaries that also cover
+  GQA/MQA, qk_ln, biases, learned positions and logit scaling. Read: the 2023 shape of mpt-7b and
+  everything llm-foundry 0.22's `save_pretrained` writes; written: a config llm-foundry 0.22 loads.
 Parameter names are the same in both and in ours (`transformer.blocks.N.attn.Wqkv.weight`, ...),
 so weights move without a renaming table. Pure functions: no file access.
 """
@@ -35,11 +36,16 @@ REMOTE_AUTO_MAP = {
 }
 TRANSFORMERS = "transformers"
 LLM_FOUNDRY = "llm-foundry"
-# transformers builds its ALiBi tensor with the default bias max; llm-foundry's norms use the default eps.
+# transformers builds its ALiBi tensor with the default bias max.
 TRANSFORMERS_ALIBI_BIAS_MAX = 8
+# llm-foundry's default norm eps. Its blocks pass the config's norm_eps to norm_1, norm_2 and norm_f
+# only: the qk_ln norms take attn_config's norm_eps (every attn_config key reaches the attention class).
 FOUNDRY_NORM_EPS = 1e-5
+FOUNDRY_ATTN_IMPL = "torch"  # the attention implementation llm-foundry runs on any device (flash needs CUDA)
 _ATTN_TYPES = {"multihead_attention", "multiquery_attention", "grouped_query_attention"}
 _NORM_TYPES = {"low_precision_layernorm", "layernorm"}
+# Keys the block sets itself inside an fc_type dictionary; any other key would change the layers.
+_FC_TYPE_OVERRIDDEN = {"name", "bias", "device"}
 
 
 @dataclass(frozen=True)
@@ -79,10 +85,14 @@ def transformers_gaps(cfg: MPTConfig) -> list[str]:
 
 
 def foundry_gaps(cfg: MPTConfig) -> list[str]:
-    """Features of `cfg` that llm-foundry's remote-code MPT cannot express."""
-    if not math.isclose(cfg.norm_eps, FOUNDRY_NORM_EPS, rel_tol=0, abs_tol=1e-12):
-        return [f"norm_eps={cfg.norm_eps} (llm-foundry's LayerNorm fixes {FOUNDRY_NORM_EPS})"]
+    """Features of `cfg` that llm-foundry's MPT cannot express."""
+    if cfg.learned_pos_emb and cfg.alibi:
+        return ["learned_pos_emb=true with alibi=true (llm-foundry drops learned positions whenever ALiBi is on)"]
     return []
+
+
+def _same_eps(a: float, b: float) -> bool:
+    return math.isclose(float(a), float(b), rel_tol=1e-9, abs_tol=0.0)
 
 
 def _int_if_integral(value: float) -> int | float:
@@ -176,12 +186,30 @@ def to_hf_config(
 
 
 def _foundry_config(cfg: MPTConfig, dtype: str, eos_token_id: int | None) -> dict[str, Any]:
-    if cfg.kv_n_heads == cfg.n_heads:
-        attn_type = "multihead_attention"
-    elif cfg.kv_n_heads == 1:
-        attn_type = "multiquery_attention"
-    else:
-        attn_type = "grouped_query_attention"
+    """Only keys llm-foundry 0.22 reads; what is left out takes its defaults.
+
+    Every attn_config key is passed on to llm-foundry's attention class as a keyword argument, and its
+    multi-head and multi-query classes take no kv_n_heads (nor any class a prefix_lm): a stray key is
+    a TypeError when the model is built.
+    """
+    attn_config: dict[str, Any] = {"attn_type": "multihead_attention"}
+    if cfg.kv_n_heads == 1 and cfg.n_heads > 1:
+        attn_config["attn_type"] = "multiquery_attention"
+    elif cfg.kv_n_heads != cfg.n_heads:
+        attn_config.update(attn_type="grouped_query_attention", kv_n_heads=cfg.kv_n_heads)
+    attn_config.update(
+        attn_pdrop=cfg.attn_pdrop,
+        attn_impl=FOUNDRY_ATTN_IMPL,
+        fused_qkv=True,
+        qk_ln=cfg.qk_ln,
+        clip_qkv=cfg.clip_qkv,
+        softmax_scale=cfg.softmax_scale,
+        attn_uses_sequence_id=cfg.attn_uses_sequence_id,
+        alibi=cfg.alibi,
+        alibi_bias_max=_int_if_integral(cfg.alibi_bias_max),
+    )
+    if cfg.qk_ln and not _same_eps(cfg.norm_eps, FOUNDRY_NORM_EPS):
+        attn_config["norm_eps"] = cfg.norm_eps  # else q_ln and k_ln keep 1e-5 (see FOUNDRY_NORM_EPS)
     ffn_config: dict[str, Any] = {"ffn_type": "mptmlp"}
     if not float(cfg.d_model * cfg.expansion_ratio).is_integer():
         # llm-foundry rejects a fractional d_model * expansion_ratio; the explicit size is what we built.
@@ -204,22 +232,11 @@ def _foundry_config(cfg: MPTConfig, dtype: str, eos_token_id: int | None) -> dic
         "resid_pdrop": cfg.resid_pdrop,
         "embedding_fraction": cfg.embedding_fraction,
         "norm_type": "low_precision_layernorm",
-        "fc_type": "torch",
+        "norm_eps": cfg.norm_eps,
+        "fc_type": {"name": "torch"},
         "init_device": "cpu",
         "use_cache": False,
-        "attn_config": {
-            "attn_type": attn_type,
-            "kv_n_heads": cfg.kv_n_heads,
-            "attn_pdrop": cfg.attn_pdrop,
-            "attn_impl": "torch",
-            "qk_ln": cfg.qk_ln,
-            "clip_qkv": cfg.clip_qkv,
-            "softmax_scale": cfg.softmax_scale,
-            "prefix_lm": False,
-            "attn_uses_sequence_id": cfg.attn_uses_sequence_id,
-            "alibi": cfg.alibi,
-            "alibi_bias_max": _int_if_integral(cfg.alibi_bias_max),
-        },
+        "attn_config": attn_config,
         "ffn_config": ffn_config,
         "init_config": _init_config(cfg),
         "torch_dtype": dtype,
@@ -263,7 +280,7 @@ def config_from_hf(values: dict[str, Any], where: str = "config.json") -> HFMode
     attn = _section(values, "attn_config", where)
     ffn = _section(values, "ffn_config", where)
     init = _section(values, "init_config", where)
-    gaps = _unsupported(values, attn, ffn)
+    gaps = _unsupported(values, attn, ffn, foundry=foundry)
     if gaps:
         raise MptlikeError(
             f"{where} uses MPT features mptlike does not implement: {'; '.join(gaps)}; "
@@ -314,8 +331,8 @@ def _config_kwargs(
         expansion_ratio=_expansion_ratio(values, ffn, where),
         max_seq_len=values.get("max_seq_len", 2048),
         vocab_size=values["vocab_size"],
-        norm_eps=values.get("layer_norm_epsilon", values.get("norm_eps", FOUNDRY_NORM_EPS)),
-        no_bias=bool(values.get("no_bias", not foundry)),
+        norm_eps=_norm_eps(values, foundry=foundry),
+        no_bias=_no_bias(values, foundry=foundry),
         tie_word_embeddings=bool(values.get("tie_word_embeddings", True)),
         logit_scale=values.get("logit_scale"),
         # llm-foundry switches learned positions off whenever ALiBi is on; transformers never has them.
@@ -334,6 +351,7 @@ def _config_kwargs(
         **_init_kwargs(init, where),
     )
 
+
 def _section(values: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     section = values.get(key)
     if section is None:
@@ -343,37 +361,101 @@ def _section(values: dict[str, Any], key: str, where: str) -> dict[str, Any]:
     return section
 
 
-def _unsupported(values: dict[str, Any], attn: dict[str, Any], ffn: dict[str, Any]) -> list[str]:
-    gaps = []
-    attn_type = attn.get("attn_type")
-    if attn_type is not None and attn_type not in _ATTN_TYPES:
-        gaps.append(f"attn_config.attn_type={attn_type!r}")
-    for key in ("prefix_lm", "rope", "qk_gn"):
-        if attn.get(key):
-            gaps.append(f"attn_config.{key}=true")
-    if attn.get("sliding_window_size") not in (None, -1):
-        gaps.append(f"attn_config.sliding_window_size={attn['sliding_window_size']}")
-    if attn.get("attn_logit_softcapping") is not None:
-        gaps.append("attn_config.attn_logit_softcapping")
+def _no_bias(values: dict[str, Any], *, foundry: bool) -> bool:
+    return bool(values.get("no_bias", not foundry))
+
+
+def _norm_eps(values: dict[str, Any], *, foundry: bool) -> Any:
+    """llm-foundry calls it norm_eps, transformers layer_norm_epsilon; each layout's own key comes first."""
+    keys = ("norm_eps", "layer_norm_epsilon") if foundry else ("layer_norm_epsilon", "norm_eps")
+    return next((values[key] for key in keys if values.get(key) is not None), FOUNDRY_NORM_EPS)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _unsupported(values: dict[str, Any], attn: dict[str, Any], ffn: dict[str, Any], *, foundry: bool) -> list[str]:
+    """Every setting of config.json that makes a network mptlike does not build (the defaults make ours).
+
+    Keys and defaults are llm-foundry 0.22's (configuration_mpt.py, config_defaults.py); keys only
+    older releases wrote (prefix_lm) are refused when they switch something on.
+    """
+    gaps = _attention_gaps(values, attn, foundry=foundry)
+    head_dim, d_model, n_heads = values.get("head_dim"), values.get("d_model"), values.get("n_heads")
+    if head_dim is not None:
+        derived = d_model // n_heads if _is_number(d_model) and _is_number(n_heads) and n_heads > 0 else None
+        if head_dim != derived:
+            gaps.append(f"head_dim={head_dim!r} (mptlike's head_dim is d_model / n_heads = {derived})")
+    attention_bias = values.get("attention_bias")
+    no_bias = _no_bias(values, foundry=foundry)
+    if attention_bias is not None and bool(attention_bias) == no_bias:
+        if no_bias:
+            gaps.append("attention_bias=true with no_bias=true (a bias on the q/k/v projection only)")
+        else:
+            gaps.append("attention_bias=false with no_bias=false (biases everywhere but the q/k/v projection)")
     norm_type = values.get("norm_type")
     if norm_type is not None and str(norm_type).lower() not in _NORM_TYPES:
         gaps.append(f"norm_type={norm_type!r}")
-    if values.get("fc_type") not in (None, "torch"):
-        gaps.append(f"fc_type={values['fc_type']!r}")
+    gaps += _fc_type_gaps("fc_type", values.get("fc_type"))
+    gaps += _fc_type_gaps("ffn_config.fc_type", ffn.get("fc_type"))
     ffn_type = ffn.get("ffn_type")
     if ffn_type not in (None, "mptmlp"):
         gaps.append(f"ffn_config.ffn_type={ffn_type!r}")
     act = ffn.get("ffn_act_fn")
-    if act is not None and not (
-        isinstance(act, dict) and act.get("name") == "gelu" and act.get("approximate", "none") == "none"
-    ):
+    exact_gelu = isinstance(act, dict) and set(act) <= {"name", "approximate"} and act.get("name") == "gelu"
+    if act is not None and not (exact_gelu and act.get("approximate", "none") == "none"):
         gaps.append(f"ffn_config.ffn_act_fn={act!r}")
     for key in ("residual_modification", "final_logit_softcapping"):
         if values.get(key) is not None:
             gaps.append(f"{key}={values[key]!r}")
     if values.get("block_overrides"):
-        gaps.append("block_overrides")
+        gaps.append("block_overrides (per-layer attention settings)")
     return gaps
+
+
+def _attention_gaps(values: dict[str, Any], attn: dict[str, Any], *, foundry: bool) -> list[str]:
+    gaps = []
+    attn_type = attn.get("attn_type")
+    if attn_type is not None and attn_type not in _ATTN_TYPES:
+        gaps.append(f"attn_config.attn_type={attn_type!r}")
+    for key in ("prefix_lm", "rope", "nope", "qk_gn"):
+        if attn.get(key):
+            gaps.append(f"attn_config.{key}=true")
+    if attn.get("sliding_window_size") not in (None, -1):
+        gaps.append(f"attn_config.sliding_window_size={attn['sliding_window_size']!r}")
+    if attn.get("attn_logit_softcapping") is not None:
+        gaps.append(f"attn_config.attn_logit_softcapping={attn['attn_logit_softcapping']!r}")
+    tuning = attn.get("attn_temperature_tuning")
+    if tuning is not None and not (isinstance(tuning, dict) and not tuning.get("attn_scale")):
+        gaps.append(f"attn_config.attn_temperature_tuning={tuning!r}")
+    if attn.get("kv_dim") not in (None, values.get("d_model")):
+        gaps.append(f"attn_config.kv_dim={attn['kv_dim']!r} (cross-attention inputs)")
+    for key in ("reuse_kv_layer_idx", "reuse_kv_x_layer_idx"):
+        if attn.get(key) is not None:
+            gaps.append(f"attn_config.{key}={attn[key]!r}")
+    if foundry and attn.get("qk_ln"):
+        # llm-foundry's blocks do not hand norm_type / norm_eps to the attention class: q_ln and k_ln
+        # take attn_config's (default low-precision LayerNorm, 1e-5). Ours use the model's norm.
+        qk_norm = attn.get("norm_type", "low_precision_layernorm")
+        if str(qk_norm).lower() not in _NORM_TYPES:
+            gaps.append(f"attn_config.norm_type={qk_norm!r} (the qk_ln norms)")
+        qk_eps, eps = attn.get("norm_eps", FOUNDRY_NORM_EPS), _norm_eps(values, foundry=True)
+        if _is_number(qk_eps) and _is_number(eps) and not _same_eps(qk_eps, eps):
+            gaps.append(
+                f"qk_ln with norm_eps={eps} but attn_config.norm_eps={qk_eps} (llm-foundry's q/k norms take the "
+                "latter; mptlike uses one eps for every norm)"
+            )
+    return gaps
+
+
+def _fc_type_gaps(key: str, fc_type: Any) -> list[str]:
+    """llm-foundry 0.22 writes {"name": "torch"}; older releases the bare string."""
+    if fc_type is None or fc_type == "torch":
+        return []
+    if isinstance(fc_type, dict) and fc_type.get("name", "torch") == "torch" and set(fc_type) <= _FC_TYPE_OVERRIDDEN:
+        return []
+    return [f"{key}={fc_type!r}"]
 
 
 def _expansion_ratio(values: dict[str, Any], ffn: dict[str, Any], where: str) -> float:
@@ -382,9 +464,16 @@ def _expansion_ratio(values: dict[str, Any], ffn: dict[str, Any], where: str) ->
     if hidden is None:
         return ratio
     d_model = values.get("d_model")
-    if not isinstance(hidden, int) or not isinstance(d_model, int) or d_model <= 0:
+    if isinstance(hidden, bool) or not isinstance(hidden, int) or hidden <= 0:
         raise MptlikeError(f"{where} has ffn_config.ffn_hidden_size={hidden!r}: it must be a positive integer")
+    if isinstance(d_model, bool) or not isinstance(d_model, int) or d_model <= 0:
+        raise MptlikeError(f"{where} has d_model={d_model!r}: it must be a positive integer")
+    # mptlike sizes the MLP as int(d_model * expansion_ratio): find the ratio whose product rounds to hidden.
     ratio = hidden / d_model
+    for _ in range(4):
+        if int(d_model * ratio) >= hidden:
+            break
+        ratio = math.nextafter(ratio, math.inf)
     if int(d_model * ratio) != hidden:
         raise MptlikeError(
             f"{where} has ffn_hidden_size={hidden}, which d_model={d_model} times a ratio cannot reproduce"
