@@ -138,6 +138,7 @@ class LoggerConfig:
     group: Optional[str] = None
     run_name: Optional[str] = None  # null: the experiment name
     tags: List[str] = field(default_factory=list)
+    log_model: bool = False  # for wandb: the exported final/ folder as a W&B model artifact
 
 
 @dataclass

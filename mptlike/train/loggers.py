@@ -100,9 +100,10 @@ class WandbLogger:
     STEP_METRIC = "trainer/global_step"
 
     def __init__(self, *, run_dir: Path, mode: str, run_name: str, project: str, entity: str | None,
-                 group: str | None, tags: list[str], config: dict[str, Any]) -> None:
+                 group: str | None, tags: list[str], config: dict[str, Any], log_model: bool = False) -> None:
         import wandb  # a heavy import, only for logger=wandb
 
+        self.log_model_enabled = log_model
         run_dir.mkdir(parents=True, exist_ok=True)
         # W&B's files go under run_dir unless WANDB_DIR says where (the run id stays in run_dir).
         self.run = wandb.init(dir=os.environ.get("WANDB_DIR") or str(run_dir), mode=mode, id=wandb_run_id(run_dir),
@@ -117,6 +118,14 @@ class WandbLogger:
 
     def truncate(self, step: int) -> None:
         pass  # W&B keeps history; replayed steps are logged again under the same step numbers
+
+    def log_model(self, folder: Path, step: int) -> None:
+        """The exported model folder as an artifact of type `model` (`logger.log_model=true`)."""
+        import wandb
+
+        artifact = wandb.Artifact(f"model-{self.run.id}", type="model", metadata={"step": step})
+        artifact.add_dir(str(folder))
+        self.run.log_artifact(artifact, aliases=["latest", f"step-{step}"])
 
     def close(self) -> None:
         import wandb
@@ -179,6 +188,12 @@ class Loggers:
         for sink in self.sinks:
             sink.truncate(step)
 
+    def log_model(self, folder: Path, step: int) -> None:
+        """Hand the exported model to the sinks that store models (W&B with logger.log_model)."""
+        for sink in self.sinks:
+            if isinstance(sink, WandbLogger) and sink.log_model_enabled:
+                sink.log_model(folder, step)
+
     def close(self) -> None:
         """Close every sink once; a second call does nothing."""
         sinks, self.sinks = self.sinks, []
@@ -201,5 +216,6 @@ def build_loggers(cfg: Any, *, run_dir: Path, config: dict[str, Any], start_step
     elif name == "wandb" and mode != "disabled":
         lg = cfg.logger
         sinks.append(WandbLogger(run_dir=run_dir, mode=mode, run_name=lg.run_name or cfg.name, project=lg.project,
-                                 entity=lg.entity, group=lg.group, tags=list(lg.tags), config=config))
+                                 entity=lg.entity, group=lg.group, tags=list(lg.tags), config=config,
+                                 log_model=bool(lg.log_model)))
     return Loggers(sinks)

@@ -286,6 +286,8 @@ class Run:
                 self.evaluate()
             if cfg.checkpoint.export_final or cfg.sample.max_new_tokens:
                 export_dir, sample = export_and_sample(self.model, self.plan)
+            if export_dir is not None:
+                self.loggers.log_model(export_dir, step)
         return RunResult(final_step=step, steps_run=step - self.start_step, wall_seconds=wall_seconds,
                          first_loss=self.first_loss, last_loss=self.last_loss, val=self.val, export_dir=export_dir,
                          sample=sample, is_rank_zero=self.rank_zero, preempted_by=preempted_by, checkpoint=checkpoint)

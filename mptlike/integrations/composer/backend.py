@@ -373,6 +373,10 @@ def fit(plan: RunPlan, *, on_start: Callable[[], None], preemption: Preemption) 
                 checkpoint = last_checkpoint(trainer)
             elif cfg.checkpoint.export_final or cfg.sample.max_new_tokens:
                 export_dir, sample = export_and_sample(trained_model(trainer), plan)
+            if export_dir is not None:
+                for destination in trainer.logger.destinations:
+                    if isinstance(destination, MptlikeMetrics):
+                        destination.loggers.log_model(export_dir, int(trainer.state.timestamp.batch))
         finally:
             trainer.close()  # also closes mptlike's loggers (MptlikeMetrics.post_close)
     final_step = int(trainer.state.timestamp.batch)
