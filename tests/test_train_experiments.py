@@ -82,6 +82,8 @@ def test_dry_run_refuses_a_cluster_size_that_does_not_divide_the_global_batch(ca
     _, err = capsys.readouterr()
     assert code == 2
     assert "trainer.global_batch_size=1024 is not divisible" in err and "192" in err
+    # 24 ranks at micro-batch 8: the world sizes that would work, for an elastic job that lost a node.
+    assert "world sizes up to 48 that divide it at micro-batch 8: 1, 2, 4, 8, 16, 32)" in err
 
 
 def _leaves(tree, prefix=""):

@@ -121,10 +121,13 @@ def _check_batch(global_batch: int, micro_batch: int, world: WorldInfo) -> int:
     per_step = micro_batch * world.world_size
     if global_batch % per_step:
         lower = max(per_step, global_batch // per_step * per_step)
+        # What an elastic job that lost or gained nodes needs to know: the world sizes this batch allows.
+        sizes = [w for w in range(1, 2 * max(world.world_size, 1) + 1) if global_batch % (micro_batch * w) == 0]
         raise MptlikeError(
             f"trainer.global_batch_size={global_batch} is not divisible by trainer.micro_batch_size * world size = "
             f"{micro_batch} * {world.world_size} = {per_step}: use a multiple of {per_step} such as {lower} or "
-            f"{lower + per_step}, or change trainer.micro_batch_size"
+            f"{lower + per_step}, or change trainer.micro_batch_size (world sizes up to {2 * world.world_size} that "
+            f"divide it at micro-batch {micro_batch}: {', '.join(map(str, sizes)) or 'none'})"
         )
     return global_batch // per_step
 
