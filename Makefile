@@ -67,7 +67,7 @@ $(CBIN)/python:
 
 $(COMPOSER_STAMP): | $(CBIN)/python
 	$(CBIN)/pip install -q "$(COMPOSER_TORCH)"
-	$(CBIN)/pip install -q -e ".[composer]" "pytest>=8"
+	$(CBIN)/pip install -q -e ".[composer,wandb]" "pytest>=8"
 	$(CBIN)/pip install -q $(foreach p,$(FOUNDRY_DEPS),"$(p)")
 	$(CBIN)/pip install -q --no-deps $(foreach p,$(FOUNDRY_NO_DEPS),"$(p)")
 	rm -f $(COMPOSER_VENV)/.stamp-*

@@ -7,6 +7,7 @@ each with a 7-byte header: crc32, length, type) of W&B's protobuf `Record` messa
 import json
 import math
 import struct
+import sys
 import textwrap
 from pathlib import Path
 
@@ -125,6 +126,23 @@ def test_a_bad_wandb_mode_in_the_environment_is_one_line(capsys, monkeypatch, tm
     assert err == ("mptlike-train: error: WANDB_MODE='sometimes' is not a valid logger.mode: use online, offline or "
                    "disabled (or unset WANDB_MODE)")
     assert not (tmp_path / "run").exists()
+
+
+def test_logger_wandb_without_wandb_installed_exits_2_naming_the_extra_and_writes_nothing(capsys, monkeypatch,
+                                                                                          tmp_path):
+    from mptlike.train.config import compose_config, to_train_config
+    from mptlike.train.plan import check_wandb_installed
+
+    monkeypatch.chdir(tmp_path)  # the default corpus would be prepared under ./data, the run under ./run
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.setitem(sys.modules, "wandb", None)  # what the import system reports where wandb is not installed
+    assert main(["logger=wandb", "run_dir=run"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "mptlike-train: error: logger=wandb needs Weights & Biases, which is not installed here: "
+        "pip install 'mptlike[wandb]' (or use logger=csv)")
+    assert list(tmp_path.iterdir()) == []
+    # logger.mode=disabled logs nothing, so it needs no wandb.
+    check_wandb_installed(to_train_config(compose_config(["logger=wandb", "logger.mode=disabled"])))
 
 
 def test_wandb_mode_disabled_in_the_environment_writes_no_wandb_files(corpus, tmp_path, monkeypatch):

@@ -211,8 +211,13 @@ class TrainConfig:
 
 
 def conf_dir() -> Path:
-    """The repository's conf/ folder (an editable install runs from the checkout)."""
-    return Path(__file__).resolve().parents[2] / "conf"
+    """The config tree: mptlike/conf/ in an installed wheel (pyproject.toml ships the repository's
+    conf/ there), else conf/ at the root of the checkout (an editable install, or the source tree)."""
+    package = Path(__file__).resolve().parents[1]
+    for folder in (package / "conf", package.parent / "conf"):
+        if (folder / "config.yaml").is_file():
+            return folder
+    return package / "conf"  # neither: the error names where an installed package keeps it
 
 
 def _register_schema() -> None:

@@ -234,6 +234,25 @@ def _check_misc(cfg: TrainConfig) -> None:
         raise MptlikeError("resume is empty: use auto, never or a checkpoint folder")
 
 
+WANDB_INSTALL_HINT = "pip install 'mptlike[wandb]'"
+
+
+def check_wandb_installed(cfg: TrainConfig) -> None:
+    """logger=wandb needs the optional wandb package (the `wandb` extra); found here, not when the
+    logger starts after the run folder is written. logger.mode=disabled logs nothing and needs none."""
+    import importlib.util
+
+    if str(cfg.logger.name) != "wandb" or str(cfg.logger.mode) == "disabled":
+        return
+    try:
+        found = importlib.util.find_spec("wandb") is not None
+    except (ImportError, ValueError):  # a broken or half-imported package
+        found = False
+    if not found:
+        raise MptlikeError(f"logger=wandb needs Weights & Biases, which is not installed here: {WANDB_INSTALL_HINT} "
+                           f"(or use logger=csv)")
+
+
 # Keys a restart may change without it being another run: how it starts, how long, what it shows.
 _RESTART_KEYS = ("resume", "dry_run", "init_from", "trainer.max_steps", "trainer.progress_bar",
                  "trainer.log_every_n_steps", "checkpoint.overwrite")
@@ -424,6 +443,7 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
     composer = str(cfg.trainer.backend) == "composer"
     if not cfg.dry_run:
         check_attn_impl(model.attn_impl)
+        check_wandb_installed(cfg)
         data = check_data(cfg, model)
         if composer:
             # Composer is optional (its own environment); its checkpoint layout is read with torch alone.
