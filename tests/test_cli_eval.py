@@ -121,6 +121,23 @@ def test_shards_tokenized_unlike_the_training_data_are_refused(setup, tmp_path, 
     assert len(err) == 1 and "'bytes'" in err[0] and "'bpe:257'" in err[0]
 
 
+def test_neither_data_nor_tasks_is_one_line(setup, capsys):
+    _, _, ckpt, _ = setup
+    capsys.readouterr()
+    assert main([str(ckpt)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--data DATA_DIR" in err[0] and "--tasks" in err[0]
+
+
+def test_tasks_without_lm_eval_installed_name_the_extra(tmp_path, capsys, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # what an install without the eval extra looks like
+    assert main([str(tmp_path / "run"), "--tasks", "hellaswag"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "pip install 'mptlike[eval]'" in err[0] and "Traceback" not in err[0]
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_gpu_bf16_loss_is_close_to_the_fp32_reference(setup, capsys):

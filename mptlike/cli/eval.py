@@ -1,44 +1,91 @@
-"""mptlike-eval: loss, perplexity and throughput of a checkpoint on prepared token shards.
+"""mptlike-eval: loss and perplexity on prepared token shards, or downstream tasks through lm-eval.
 
     mptlike-eval CHECKPOINT --data DATA_DIR [--split val] [--seq-len N] [--batch-size B] [--max-batches K]
+    mptlike-eval CHECKPOINT --tasks hellaswag,lambada_openai,my_task.yaml [--num-fewshot K] [--limit N]
 
 The numbers are the trainer's validation numbers: the split is cut into the same fixed-length
 windows the trainer reads (window i = tokens[i*S : i*S + S + 1], inputs its first S tokens and
 targets its last S), and the loss is the mean next-token cross-entropy over every target token,
 computed by the trainer's own evaluation function. Perplexity is exp(loss).
+
+With --tasks, EleutherAI's lm-evaluation-harness (pip install 'mptlike[eval]') runs the tasks on the
+checkpoint directly (mptlike.integrations.lm_eval), with the tokenizer of its run, and prints
+lm-eval's table (or, with --json, its results).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import json
+import logging
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 
 from mptlike.cli import add_verbose, pick_device, positive_int, run_command
 from mptlike.errors import MptlikeError
-from mptlike.integrations.checkpoint_io import read_checkpoint
+from mptlike.integrations.checkpoint_io import TokenizerSource, load_checkpoint_tokenizer, read_checkpoint
+
+EVAL_EXTRA_HINT = "pip install 'mptlike[eval]'"
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="mptlike-eval", description="Loss and perplexity of a checkpoint on prepared token shards."
+        prog="mptlike-eval",
+        description="Loss and perplexity of a checkpoint on prepared token shards (--data), or lm-eval tasks "
+        "(--tasks).",
     )
     add = parser.add_argument
     add("checkpoint", metavar="CHECKPOINT", help="save_pretrained folder, run folder, step-N folder or HF MPT folder")
-    add("--data", required=True, metavar="DATA_DIR", help="a folder written by mptlike-prep")
+    add("--data", metavar="DATA_DIR", help="a folder written by mptlike-prep (loss mode; required without --tasks)")
     add("--split", default="val", help="which split of DATA_DIR (default val)")
     add("--seq-len", type=positive_int, default=None, help="window length (default: the model's max_seq_len)")
-    add("--batch-size", type=positive_int, default=8, help="windows per forward pass (default 8)")
+    add("--batch-size", type=positive_int, default=8, help="windows (or lm-eval requests) per forward pass (default 8)")
     add("--max-batches", type=positive_int, default=None, help="stop after this many batches (default: all)")
     add("--device", default="auto", help="auto (GPU if any), cpu, cuda, cuda:N")
     add("--precision", default="auto", help="auto (bf16 autocast on a bf16 GPU, else fp32), fp32 or bf16")
     add("--json", action="store_true", help="print one JSON object instead of a table")
+    tasks = parser.add_argument_group("downstream tasks (lm-eval)")
+    tasks.add_argument("--tasks", metavar="TASKS",
+                       help="comma-separated lm-eval task or group names and/or task YAML files")
+    tasks.add_argument("--num-fewshot", type=non_negative_int, default=None, help="examples in each prompt (default: "
+                       "each task's own)")
+    tasks.add_argument("--limit", type=limit_value, default=None, help="score only the first N examples of each task "
+                       "(or a fraction, e.g. 0.1); for testing, not for reporting")
+    tasks.add_argument("--include-path", action="append", default=[], metavar="DIR",
+                       help="another folder of task YAMLs (repeatable)")
+    tasks.add_argument("--tokenizer", metavar="SPEC", help="override the run's tokenizer: bytes, a tokenizer.json, "
+                       "or bpe:N with --tokenizer-data")
+    tasks.add_argument("--tokenizer-data", metavar="DIR", help="data folder holding a trained bpe:N tokenizer")
     add_verbose(parser)
     return parser
+
+
+def non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
+    return value
+
+
+def limit_value(text: str) -> int | float:
+    """A count of examples (an integer >= 1) or a fraction of each task (0 < x < 1), as lm-eval reads it."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if value >= 1 and value.is_integer():
+        return int(value)
+    if 0 < value < 1:
+        return value
+    raise argparse.ArgumentTypeError(f"{text} must be a whole number of examples or a fraction between 0 and 1")
 
 
 def _check_tokenizer(ckpt, manifest) -> None:
@@ -113,6 +160,10 @@ def evaluate_checkpoint(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.tasks is not None:
+        return run_tasks(args)
+    if args.data is None:
+        raise MptlikeError("pass --data DATA_DIR (loss and perplexity) or --tasks TASKS (lm-eval tasks)")
     result = evaluate_checkpoint(args)
     if args.json:
         print(json.dumps(result))
@@ -122,6 +173,128 @@ def run(args: argparse.Namespace) -> int:
     print(f"tokens      {result['tokens']} ({result['windows']} windows of {result['seq_len']}, "
           f"split {result['split']} of {result['data']})")
     print(f"tokens/s    {result['tokens_per_sec']:.1f} ({result['device']}, {result['precision']})")
+    return 0
+
+
+# ---- downstream tasks ---------------------------------------------------------------------------
+
+
+def _require_lm_eval() -> None:
+    if importlib.util.find_spec("lm_eval") is None:
+        raise MptlikeError(
+            f"--tasks needs EleutherAI's lm-evaluation-harness, which is not installed: {EVAL_EXTRA_HINT}"
+        )
+
+
+def _is_task_file(item: str) -> bool:
+    return item.endswith((".yaml", ".yml"))
+
+
+def _task_file_config(path: Path) -> dict:
+    """A task YAML as lm-eval reads it (includes merged, !function resolved next to the file)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    if not path.is_file():
+        raise MptlikeError(f"task file {path} does not exist: pass an lm-eval task name or a task YAML file")
+    try:
+        config = load_yaml(path, resolve_func=True)
+    except Exception as exc:  # yaml, a missing include or a bad !function: all mean the file cannot be used
+        detail = " ".join(str(exc).split())
+        raise MptlikeError(
+            f"task file {path} could not be read ({type(exc).__name__}: {detail[:300]}): fix the YAML"
+        ) from None
+    if not isinstance(config.get("task") or config.get("group"), str):
+        raise MptlikeError(f"task file {path} names no task (a 'task:' or 'group:' key): it is not an lm-eval task")
+    return config
+
+
+def resolve_tasks(spec: str, include_paths: Sequence[str]):
+    """The task list and TaskManager for simple_evaluate; unknown names and unreadable files are MptlikeErrors."""
+    from lm_eval.tasks import TaskManager
+
+    items = [item.strip() for item in spec.split(",") if item.strip()]
+    if not items:
+        raise MptlikeError("--tasks is empty: name lm-eval tasks (e.g. hellaswag,lambada_openai) or task YAML files")
+    for folder in include_paths:
+        if not Path(folder).is_dir():
+            raise MptlikeError(f"--include-path {folder} is not a folder of task YAMLs")
+    files = [Path(item).expanduser().absolute() for item in items if _is_task_file(item)]
+    configs = {path: _task_file_config(path) for path in files}
+    names = [item for item in items if not _is_task_file(item)]
+    # Indexing lm-eval's thousands of built-in task files takes seconds. Task files alone do not need it:
+    # they are loaded as given, from their own folders; a group may name built-in tasks, so it does.
+    paths = [str(p) for p in include_paths] + sorted({str(p.parent) for p in files})
+    groups = any("group" in config for config in configs.values())
+    manager = TaskManager(include_path=paths or None, include_defaults=bool(names) or groups or not files)
+    tasks: list = []
+    unknown = []
+    for item in items:
+        if _is_task_file(item):
+            tasks.append(configs[Path(item).expanduser().absolute()])
+            continue
+        found = manager.match_tasks([item])
+        if not found:
+            unknown.append(item)
+        tasks += [name for name in found if name not in tasks]
+    if unknown:
+        raise MptlikeError(
+            f"unknown lm-eval task{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: see `lm-eval ls tasks` for "
+            "the names, or pass a task YAML file (or its folder with --include-path)"
+        )
+    return tasks, manager
+
+
+def _table(results: dict) -> str:
+    from lm_eval.utils import make_table
+
+    text = make_table(results)
+    if results.get("groups"):
+        text += "\n" + make_table(results, "groups")
+    return text
+
+
+def run_tasks(args: argparse.Namespace) -> int:
+    _require_lm_eval()
+    # lm-eval logs every step at INFO; keep it to warnings unless asked.
+    logging.getLogger("lm_eval").setLevel(logging.INFO if args.verbose else logging.WARNING)
+    from lm_eval import simple_evaluate
+    from lm_eval.utils import handle_non_serializable
+
+    from mptlike.integrations.lm_eval import MptlikeLM
+
+    ckpt = read_checkpoint(args.checkpoint)
+    override = TokenizerSource(spec=args.tokenizer, data_dir=args.tokenizer_data) if args.tokenizer else None
+    tokenizer = load_checkpoint_tokenizer(ckpt, override, name=args.checkpoint)
+    tasks, manager = resolve_tasks(args.tasks, args.include_path)
+    device = pick_device(args.device)  # a GPU asked for here and missing is an error, not the CPU
+    lm = MptlikeLM(
+        checkpoint=ckpt, tokenizer=tokenizer, batch_size=args.batch_size, device=str(device), precision=args.precision
+    )
+    try:
+        results = simple_evaluate(
+            model=lm,
+            tasks=tasks,
+            task_manager=manager,
+            num_fewshot=args.num_fewshot,
+            limit=args.limit,
+            log_samples=False,
+        )
+    except (FileNotFoundError, ConnectionError) as exc:
+        # A dataset that is neither cached nor reachable (HF_DATASETS_OFFLINE=1 on a cluster, a wrong data_files path).
+        detail = " ".join(str(exc).split())
+        raise MptlikeError(
+            f"a task's dataset could not be loaded ({type(exc).__name__}: {detail[:300]}): download it where there "
+            "is network (it is then cached), or point the task YAML's dataset_kwargs.data_files at local files"
+        ) from None
+    if results is None:  # only ranks other than 0 get None; this is a single process
+        return 1
+    results.pop("samples", None)
+    if args.json:
+        print(json.dumps(results, default=handle_non_serializable))
+        return 0
+    print(f"mptlike ({ckpt.path}, {lm.precision} on {lm.device}), limit: {args.limit}, num_fewshot: "
+          f"{args.num_fewshot}, batch_size: {args.batch_size}")
+    print(_table(results))
     return 0
 
 

@@ -20,7 +20,7 @@ import torch
 
 from mptlike.cli import add_verbose, pick_device, pick_dtype, run_command
 from mptlike.errors import MptlikeError
-from mptlike.integrations.checkpoint_io import TokenizerSource, read_checkpoint
+from mptlike.integrations.checkpoint_io import TokenizerSource, load_checkpoint_tokenizer, read_checkpoint
 from mptlike.model.generation import iter_generate
 
 
@@ -118,15 +118,11 @@ def stream(
     return count
 
 
-def _tokenizer_source(args: argparse.Namespace, known: TokenizerSource | None, checkpoint: str) -> TokenizerSource:
-    if args.tokenizer:
-        return TokenizerSource(spec=args.tokenizer, data_dir=args.tokenizer_data)
-    if known is None:
-        raise MptlikeError(
-            f"no tokenizer is known for {checkpoint} (no tokenizer.json in it and no run data manifest): "
-            "pass --tokenizer bytes, --tokenizer PATH/tokenizer.json, or --tokenizer bpe:N --tokenizer-data DATA_DIR"
-        )
-    return known
+def tokenizer_override(args: argparse.Namespace) -> TokenizerSource | None:
+    """The tokenizer named by --tokenizer (and --tokenizer-data), if any."""
+    if not args.tokenizer:
+        return None
+    return TokenizerSource(spec=args.tokenizer, data_dir=args.tokenizer_data)
 
 
 def generate(args: argparse.Namespace) -> int:
@@ -135,12 +131,7 @@ def generate(args: argparse.Namespace) -> int:
     dtype = pick_dtype(args.dtype, device)
     ckpt = read_checkpoint(args.checkpoint)
     cfg = ckpt.config
-    tokenizer = _tokenizer_source(args, ckpt.tokenizer, args.checkpoint).load()
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise MptlikeError(
-            f"the tokenizer has {tokenizer.vocab_size} ids but the model only vocab_size={cfg.vocab_size}: pass the "
-            "tokenizer the model was trained with (--tokenizer)"
-        )
+    tokenizer = load_checkpoint_tokenizer(ckpt, tokenizer_override(args), name=args.checkpoint)
     prompt_ids = tokenizer.encode(args.prompt) if args.prompt else [tokenizer.eos_id]
     too_big = [i for i in prompt_ids if i >= cfg.vocab_size]
     if too_big:

@@ -298,6 +298,35 @@ def find_tokenizer(folder: Path, run_dir: Path | None) -> TokenizerSource | None
     )
 
 
+def load_checkpoint_tokenizer(
+    ckpt: Checkpoint,
+    override: TokenizerSource | None = None,
+    *,
+    name: str | os.PathLike | None = None,
+    option: str = "--tokenizer ",
+    data_option: str = "--tokenizer-data ",
+):
+    """The tokenizer to run `ckpt` with: `override`, else the one its folder or run names.
+
+    Refuses, naming `option` (how the caller's user passes a tokenizer), a checkpoint whose tokenizer
+    is unknown and a tokenizer with more ids than the model's embedding has rows.
+    """
+    source = override or ckpt.tokenizer
+    if source is None:
+        raise MptlikeError(
+            f"no tokenizer is known for {name or ckpt.path} (no tokenizer.json in it and no run data manifest): "
+            f"pass {option}bytes, {option}PATH/tokenizer.json, or {option}bpe:N {data_option}DATA_DIR"
+        )
+    tokenizer = source.load()
+    vocab_size = ckpt.config.vocab_size
+    if tokenizer.vocab_size > vocab_size:
+        raise MptlikeError(
+            f"the tokenizer has {tokenizer.vocab_size} ids but the model only vocab_size={vocab_size}: pass the "
+            f"tokenizer the model was trained with ({option.strip(' =')})"
+        )
+    return tokenizer
+
+
 def _run_data_dir(run_dir: Path) -> Path | None:
     values = read_run_config(run_dir) or {}
     data = values.get("data") if isinstance(values.get("data"), dict) else {}

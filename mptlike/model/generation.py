@@ -43,9 +43,16 @@ def iter_generate(
     top_p: float | None = None,
     eos_id: int | None = None,
     generator: torch.Generator | None = None,
+    sequence_id: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token of every row (B,) until max_new_tokens or every row has emitted eos_id."""
-    out = model(input_ids, use_cache=True)
+    """Yield the next token of every row (B,) until max_new_tokens or every row has emitted eos_id.
+
+    Prompts of different lengths go in left-padded, with ``sequence_id`` (B, S) giving the padding
+    another id than the prompt behind it: no prompt token then attends to padding, and with ALiBi
+    (relative positions) every row continues exactly as it would alone. Each new token takes the
+    id of its row's last position.
+    """
+    out = model(input_ids, sequence_id=sequence_id, use_cache=True)
     past = out.past_key_values
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
     for _ in range(max_new_tokens):
@@ -56,7 +63,9 @@ def iter_generate(
         yield token
         if eos_id is not None and bool(finished.all()):
             return
-        out = model(token[:, None], past_key_values=past, use_cache=True)
+        if sequence_id is not None:
+            sequence_id = torch.cat([sequence_id, sequence_id[:, -1:]], dim=1)
+        out = model(token[:, None], sequence_id=sequence_id, past_key_values=past, use_cache=True)
         past = out.past_key_values
 
 
