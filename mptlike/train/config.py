@@ -5,12 +5,18 @@ no output folder or logging is set up, and every error surfaces as one exception
 line turns into one line. The schema below is registered as the base of `conf/config.yaml`: it holds
 every key's default, and an unknown key, a value of the wrong type or a choice outside its Enum fails
 during composition with the key named. The files under conf/ state only what a group option changes.
+A user's own folder (--config-dir) is searched before conf/, hydra.searchpath folders after it, and
+`expand_sweep` turns the sweeps of `mptlike-train -m` into one override list per job (Hydra's basic
+sweeper); the jobs run in mptlike.train.multirun's layout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import enum
+import itertools
 import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -19,6 +25,7 @@ from omegaconf import MISSING
 
 from mptlike.errors import MptlikeError
 from mptlike.model import MPTConfig
+from mptlike.model.presets import PRESETS
 from mptlike.parallel.materialize import INIT_MODES
 from mptlike.parallel.parallelize import AC_MODES
 from mptlike.parallel.precision import DTYPES
@@ -176,7 +183,16 @@ class DebugConfig:
 class EvalConfig:
     every_n_steps: int = 100  # 0 disables periodic validation
     max_samples: int = 64  # validation sequences per evaluation (from the start of the val split)
-    at_end: bool = True
+    at_end: bool = True  # validation loss, and eval.tasks, once more after the last step
+    # lm-eval tasks during training (needs the `eval` extra): task or group names and/or task YAML
+    # files, scored on the model being trained and logged as eval/<task>/<metric> (mptlike.train.tasks).
+    tasks: List[str] = field(default_factory=list)
+    # 0: only at the end of training (with eval.at_end). Not eval.every_n_steps by default: a task
+    # such as hellaswag costs far more than the validation loss; ${eval.every_n_steps} follows it.
+    tasks_every_n_steps: int = 0
+    tasks_limit: Optional[int] = None  # examples per task (the first N); null: all. For a quick signal
+    tasks_num_fewshot: Optional[int] = 0  # examples in each prompt; null: each task's own default
+    tasks_include_path: Optional[str] = None  # a folder of task YAMLs whose tasks eval.tasks names
 
 
 @dataclass
@@ -185,6 +201,19 @@ class SampleConfig:
     max_new_tokens: int = 64  # 0: no sample at the end
     temperature: float = 0.8
     top_k: Optional[int] = 40
+
+
+# The model keys that a model file leaves out (a user's model/NAME.yaml may state only d_model and n_layers).
+SCHEMA_MODEL = "mpt-tiny"
+
+
+def _schema_model() -> MPTConfig:
+    """mpt-tiny's values, the default model's, with kv_n_heads left null (as mptlike's model files have it):
+    null is multi-head attention with as many kv heads as n_heads, so a file or an override that changes
+    only n_heads stays valid. MPTConfig resolves it when the composed config is validated."""
+    model = MPTConfig.from_preset(SCHEMA_MODEL)
+    model.kv_n_heads = PRESETS[SCHEMA_MODEL].get("kv_n_heads")
+    return model
 
 
 @dataclass
@@ -197,7 +226,7 @@ class TrainConfig:
     # `mptlike-convert from-hf`). Ignored when resuming from a checkpoint, which has its own weights.
     init_from: Optional[str] = None
     dry_run: bool = False  # validate, build on meta, print sizes and batch arithmetic, write nothing
-    model: MPTConfig = field(default_factory=MPTConfig)
+    model: MPTConfig = field(default_factory=_schema_model)  # a model file's base: see SCHEMA_MODEL
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
@@ -226,31 +255,297 @@ def _register_schema() -> None:
     ConfigStore.instance().store(name=SCHEMA_NAME, node=TrainConfig)
 
 
-def compose_config(overrides: list[str], folder: Path | None = None) -> Any:
+def compose_config(overrides: Sequence[str], folder: Path | None = None, *, config_dir: Path | None = None,
+                   config_name: str = "config") -> Any:
     """The composed (not yet validated) DictConfig of conf/ (or another folder of the same layout);
-    raises MptlikeError for any composition error."""
-    from hydra import compose, initialize_config_dir
-    from hydra.errors import HydraException
+    raises MptlikeError for any composition error.
+
+    The config search path, first match wins: `config_dir` (the command line's --config-dir), then
+    `folder`, then the entries of a `hydra.searchpath=[...]` override (after ours, where Hydra appends
+    them). `config_name` is the primary config (--config-name), looked up along that path.
+    `~KEY` resets a key to the schema's default (a structured config cannot lose a key) and `~GROUP`
+    drops a group's option as Hydra does; a sweep and any other `hydra.*` override are refused.
+    """
+    from hydra import compose
+    from hydra.errors import HydraException, MissingConfigException
+    from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
     folder = folder or conf_dir()
     if not (folder / "config.yaml").is_file():
         raise MptlikeError(f"{folder / 'config.yaml'} is missing: run from a full checkout of mptlike")
     _register_schema()
-    try:
-        with initialize_config_dir(config_dir=str(folder), version_base=None):
-            cfg = compose(config_name="config", overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as exc:
-        raise MptlikeError(describe_config_error(exc)) from None
-    _apply_wandb_environment(cfg, overrides)
+    kept, searchpath = _split_overrides(parse_overrides(overrides))
+    for override in kept:
+        if override.is_sweep_override():
+            raise MptlikeError(_sweep_without_multirun(override))
+    with _hydra_search_path(folder, config_dir, searchpath) as loader:
+        groups = set(loader.list_groups(""))
+        resets = [i for i, o in enumerate(kept) if _is_key_delete(o, groups)]
+        given = [o.input_line for i, o in enumerate(kept) if i not in resets]
+        try:
+            cfg = compose(config_name=config_name, overrides=given)
+        except MissingConfigException as exc:
+            if str(exc).startswith("Cannot find primary config"):
+                raise MptlikeError(_missing_primary(config_name, folder, config_dir, searchpath)) from None
+            raise MptlikeError(describe_config_error(exc)) from None
+        except (HydraException, OmegaConfBaseException) as exc:
+            raise MptlikeError(describe_config_error(exc)) from None
+    if OmegaConf.get_type(cfg) is not TrainConfig:
+        raise MptlikeError(
+            f"the primary config '{config_name}' does not build on mptlike's schema: start its defaults list with "
+            f"`- config` (mptlike's conf/config.yaml; then `- _self_`, and name your file other than config.yaml) "
+            f"or with `- {SCHEMA_NAME}` followed by the groups it needs"
+        )
+    for index in resets:
+        _reset_to_schema_default(cfg, kept, index, groups)
+    _apply_wandb_environment(cfg, list(overrides))
     # Hydra opens the config for `+key=value`, so a key the schema lacks lands in it and would be
     # dropped without a word when the dataclasses are built: refuse it here, like any unknown key.
     unknown = _keys_outside_schema(cfg, TrainConfig)
     if unknown:
-        given = next((o for o in overrides if o.lstrip("+~").split("=")[0] == unknown[0]), unknown[0])
-        raise MptlikeError(f"unknown config key '{unknown[0]}' (from {given}): check its spelling "
+        given_as = next((o for o in overrides if o.lstrip("+~").split("=")[0] == unknown[0]), unknown[0])
+        raise MptlikeError(f"unknown config key '{unknown[0]}' (from {given_as}): check its spelling "
                            f"(`mptlike-train --cfg` shows every key)")
     return cfg
+
+
+def parse_overrides(overrides: Sequence[str], loader: Any = None) -> list[Any]:
+    """Hydra's parsed overrides (hydra.core.override_parser.types.Override), one line naming a bad one.
+    A config loader lets glob(...) sweeps list a group's options."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    parser = OverridesParser.create(config_loader=loader)
+    parsed = []
+    for text in overrides:
+        try:
+            parsed += parser.parse_overrides([text])
+        except HydraException as exc:
+            raise MptlikeError(f"bad override {text}: {_first_lines(str(exc))}") from None
+    return parsed
+
+
+# What the command line does with Hydra's own keys: mptlike-train composes with the compose API, so it has
+# no job runtime (output folder, chdir, logging, launcher or sweeper) for the rest of `hydra.*` to configure.
+HYDRA_RUNTIME_REFUSED = (
+    "mptlike-train composes its config with Hydra's compose API and has no Hydra job runtime (output folder, "
+    "chdir, logging, sweeper); it honours only hydra.searchpath=[...], hydra.run.dir= (the same as "
+    "run_dir=) and, with -m, hydra.sweep.dir= (the sweep root, the same as run_dir=), hydra/launcher=submitit_slurm "
+    "or submitit_local and their hydra.launcher.* settings"
+)
+
+
+def translate_hydra_overrides(overrides: Sequence[str], *, multirun: bool) -> list[str]:
+    """The command line's overrides with Hydra's run folder keys turned into run_dir: hydra.run.dir=DIR for
+    one run, hydra.sweep.dir=DIR (the sweep root) with -m. hydra.searchpath is kept for compose_config;
+    every other `hydra.*` override or `hydra/GROUP=` choice is refused with one line."""
+    out = []
+    for text, override in zip(overrides, parse_overrides(overrides)):
+        key = override.key_or_group
+        if not override.is_hydra_override() or key == "hydra.searchpath":
+            out.append(text)
+            continue
+        if key not in ("hydra.run.dir", "hydra.sweep.dir") or override.package is not None:
+            raise MptlikeError(f"{text}: {HYDRA_RUNTIME_REFUSED}")
+        if key == "hydra.sweep.dir" and not multirun:
+            raise MptlikeError(f"{text}: hydra.sweep.dir is the root folder of a sweep (-m/--multirun); one run's "
+                               f"folder is run_dir= (or hydra.run.dir=)")
+        if key == "hydra.run.dir" and multirun:
+            raise MptlikeError(f"{text}: with -m/--multirun each job runs in a numbered folder under the sweep "
+                               f"root; give the root as run_dir= (or hydra.sweep.dir=)")
+        out.append("~run_dir" if override.is_delete() else "run_dir=" + text.split("=", 1)[1])
+    return out
+
+
+@dataclass(frozen=True)
+class SweepJob:
+    overrides: list[str]  # the whole command line's overrides, with one value of each sweep
+    swept: list[str]  # the overrides that differ between the jobs (this job's value of each sweep)
+
+    def label(self) -> str:
+        return " ".join(self.swept)
+
+
+def expand_sweep(overrides: Sequence[str], folder: Path | None = None, *,
+                 config_dir: Path | None = None) -> list[SweepJob]:
+    """Hydra's basic sweeper: one job per combination of the swept values (a comma list, choice(),
+    range() or glob()), the cartesian product in the order the keys are given, the last changing
+    fastest. A key given again replaces its earlier value in the earlier place, as in Hydra. Without a
+    sweep: one job."""
+    folder = folder or conf_dir()
+    _register_schema()
+    _, searchpath = _split_overrides(parse_overrides(overrides))
+    with _hydra_search_path(folder, config_dir, searchpath) as loader:
+        parsed = parse_overrides(overrides, loader)
+        values: dict[str, list[str]] = {}
+        for override in parsed:
+            key = override.get_key_element()
+            if not override.is_sweep_override():
+                values[key] = [override.input_line]
+                continue
+            if not override.is_discrete_sweep():
+                raise MptlikeError(f"{override.input_line}: -m sweeps comma lists, choice(), range() and glob(); "
+                                   f"an interval() needs a sweeper plugin such as Optuna's, which mptlike-train "
+                                   f"does not run")
+            if override.is_hydra_override():
+                raise MptlikeError(f"{override.input_line}: Hydra's own keys cannot be swept")
+            try:
+                values[key] = [f"{key}={value}" for value in override.sweep_string_iterator()]
+            except Exception as exc:  # a glob over a key that is not a group, a range of the wrong type
+                raise MptlikeError(f"bad sweep {override.input_line}: {_first_lines(str(exc))}") from None
+            if not values[key]:
+                raise MptlikeError(f"{override.input_line} sweeps no value: check it (glob() matched nothing?)")
+    swept = {key for key, options in values.items() if len(options) > 1}
+    jobs = []
+    for combination in itertools.product(*values.values()):
+        chosen = dict(zip(values, combination))
+        jobs.append(SweepJob(list(combination), [chosen[key] for key in values if key in swept]))
+    return jobs
+
+
+def config_groups(folder: Path | None = None, *, config_dir: Path | None = None) -> dict[str, list[str]]:
+    """Each config group along the search path (--config-dir's, then conf/) and its options."""
+    from hydra.core.object_type import ObjectType
+
+    folder = folder or conf_dir()
+    _register_schema()
+    with _hydra_search_path(folder, config_dir, []) as loader:
+        return {group: loader.get_group_options(group, results_filter=ObjectType.CONFIG)
+                for group in sorted(loader.list_groups("")) if group != "hydra"}
+
+
+@contextlib.contextmanager
+def _hydra_search_path(folder: Path, config_dir: Path | None, searchpath: Sequence[str]) -> Iterator[Any]:
+    """Hydra initialized for the compose API on `folder`, as `initialize_config_dir` does, with
+    `config_dir` searched before it and `searchpath` entries after it; yields the config loader.
+
+    Built here rather than with `initialize_config_dir` plus a `hydra.searchpath` override because
+    Hydra 1.3 appends that override's folders only after it has looked up the primary config, so a
+    primary config outside the main folder is never found (CachingConfigRepository keeps the miss).
+    """
+    from hydra import version
+    from hydra._internal.hydra import Hydra
+    from hydra._internal.utils import create_config_search_path
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.initialize import get_gh_backup, restore_gh_from_backup
+
+    backup = get_gh_backup()
+    version.setbase(None)
+    search = create_config_search_path(str(folder))  # Hydra's own configs, `folder` (main), plugins, schema
+    if config_dir is not None:
+        search.prepend("command-line", f"file://{config_dir}", anchor="main")
+    for entry in searchpath:
+        search.prepend("hydra.searchpath in command-line", entry, anchor="schema")
+    try:
+        Hydra.create_main_hydra2(task_name="mptlike-train", config_search_path=search)
+        loader = GlobalHydra.instance().config_loader()
+        for source in loader.get_sources():
+            if source.provider != "schema" and not source.available():
+                where = "--config-dir" if source.provider == "command-line" else "hydra.searchpath entry"
+                raise MptlikeError(f"{where} {source.scheme()}://{source.path} cannot be read: give an existing "
+                                   f"folder (file:///abs/dir) or an importable package (pkg://package.module)")
+        yield loader
+    finally:
+        restore_gh_from_backup(backup)
+
+
+def _split_overrides(parsed: list[Any]) -> tuple[list[Any], list[str]]:
+    """The overrides without hydra.searchpath, and the search path entries it gives (the last one wins).
+    Any other hydra.* override is refused: translate_hydra_overrides handles the run folders first."""
+    kept, searchpath = [], []
+    for override in parsed:
+        if not override.is_hydra_override():
+            kept.append(override)
+        elif override.key_or_group != "hydra.searchpath" or override.package is not None:
+            raise MptlikeError(f"{override.input_line}: {HYDRA_RUNTIME_REFUSED}")
+        elif override.is_delete():
+            searchpath = []
+        else:
+            searchpath = _search_path_entries(override)
+    return kept, searchpath
+
+
+def _search_path_entries(override: Any) -> list[str]:
+    value = override.value()
+    example = "hydra.searchpath=[file:///abs/dir,pkg://package.module]"
+    if override.is_sweep_override() or not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise MptlikeError(f"{override.input_line}: hydra.searchpath is a list of folders, e.g. {example}")
+    entries = []
+    for entry in value:
+        scheme, sep, rest = entry.partition("://")
+        if not sep:
+            scheme, rest = "file", entry
+        if scheme == "pkg":
+            entries.append(entry)
+        elif scheme == "file":
+            path = Path(rest).expanduser().absolute()
+            if not path.is_dir():
+                raise MptlikeError(f"{override.input_line}: the folder {path} does not exist ({example})")
+            entries.append(f"file://{path}")
+        else:
+            raise MptlikeError(f"{override.input_line}: {entry} is neither file:// nor pkg:// ({example})")
+    return entries
+
+
+def _sweep_without_multirun(override: Any) -> str:
+    key = override.get_key_element()
+    return (f"{override.input_line} sweeps {key.lstrip('+')} over several values: add -m (--multirun) to run one job "
+            f"per value; a list value is written {key}=[a,b], a string with commas is quoted: {key}='a,b'")
+
+
+def _missing_primary(name: str, folder: Path, config_dir: Path | None, searchpath: Sequence[str]) -> str:
+    places = ([f"--config-dir {config_dir}"] if config_dir else []) + [str(folder)] + list(searchpath)
+    return f"--config-name {name}: there is no {name}.yaml in {', '.join(places)}"
+
+
+def _is_key_delete(override: Any, groups: set[str]) -> bool:
+    """`~KEY` of a config key (not `~GROUP`, which Hydra handles by dropping the group's option)."""
+    key = override.key_or_group
+    return override.is_delete() and override.package is None and "/" not in key and key not in groups
+
+
+_ABSENT = object()
+
+
+def _reset_to_schema_default(cfg: Any, overrides: list[Any], index: int, groups: set[str]) -> None:
+    """`~KEY` (overrides[index]): KEY takes the schema's default again, whatever the config files set.
+
+    Hydra deletes the key, which a structured config does not allow. `~KEY=VALUE` resets only when KEY
+    has VALUE (Hydra's conditional delete). Key overrides given after it on the command line still apply
+    (Hydra applies the command line in order); group choices apply first wherever they are given.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    override = overrides[index]
+    key = override.key_or_group
+    schema = OmegaConf.structured(TrainConfig)
+    default: Any = OmegaConf.to_container(schema, resolve=False)  # interpolations as written: runs/${name}
+    for part in key.split("."):
+        if not isinstance(default, dict) or part not in default:
+            raise MptlikeError(f"unknown config key '{key}' (from {override.input_line}): check its spelling "
+                               f"(`mptlike-train --cfg` shows every key)")
+        default = default[part]
+    if isinstance(default, dict):
+        default = OmegaConf.select(schema, key)  # a whole section (~parallel): the typed node
+    try:
+        wanted = override.value()
+        if wanted is not None:
+            current = OmegaConf.select(cfg, key, throw_on_missing=False)
+            if current != wanted:
+                raise MptlikeError(f"{override.input_line}: {key} is {current}, not {wanted}, so it is kept "
+                                   f"(~{key} resets it to the schema default whatever its value)")
+        OmegaConf.update(cfg, key, default, merge=False)
+        for later in overrides[index + 1:]:
+            other = later.key_or_group
+            group_choice = other in groups and not isinstance(later.value(), dict)
+            if later.is_delete() or later.package is not None or group_choice:
+                continue
+            if other == key or other.startswith(key + ".") or key.startswith(other + "."):
+                OmegaConf.update(cfg, other, later.value(), merge=True)
+    except OmegaConfBaseException as exc:
+        raise MptlikeError(f"bad override {override.input_line}: {describe_config_error(exc)}") from None
 
 
 # W&B's own environment variables, as its users set them on clusters. One precedence: a key given on the
@@ -335,6 +630,10 @@ def describe_config_error(exc: BaseException) -> str:
         in_file = re.match(r"In '([^']+)'", text)
         where = f" (set in conf/{in_file.group(1)}.yaml)" if in_file else ""
         return f"{key.group(1)}={value} is unknown{where}: choose one of {names}"
+    no_match = re.match(r"Could not delete '(([^'=]+)=[^']+)'\. No match in the defaults list", text)
+    if no_match:
+        return (f"~{no_match.group(1)} removes nothing: {no_match.group(2)} is not that option here "
+                f"(~{no_match.group(2)} drops whichever option it has)")
     unknown = re.match(r"Could not override '([^']+)'", text)
     if unknown:
         return f"unknown config key '{unknown.group(1)}': check its spelling (`mptlike-train --help` lists the keys)"
