@@ -89,7 +89,9 @@ def queue_config(name: str, settings: dict[str, Any]) -> dict[str, Any]:
         merged = OmegaConf.merge(schema, OmegaConf.create(settings))
     except OmegaConfBaseException as exc:
         raise MptlikeError(f"hydra.launcher: {str(exc).splitlines()[0]}") from None
-    values = {k: merged[k] for k in known if k not in ("submitit_folder", "name")}  # ours: set per sweep
+    # submitit_folder and name default to Hydra's job runtime (${hydra.sweep.dir}, ${hydra.job.name}), which we
+    # have not: ROOT/.submitit/%j and the experiment's name, unless given.
+    values = {k: merged[k] for k in known if k not in ("submitit_folder", "name") or k in settings}
     return {k: OmegaConf.to_container(v) if OmegaConf.is_config(v) else v for k, v in values.items()}
 
 
@@ -98,7 +100,9 @@ def make_executor(name: str, config: dict[str, Any], *, folder: Path, job_name: 
     import submitit
 
     cluster = "slurm" if name == "submitit_slurm" else "local"
-    init = {"folder": str(folder / "%j")}
+    config = dict(config)
+    init = {"folder": str(config.pop("submitit_folder", None) or folder / "%j")}
+    job_name = config.pop("name", None) or job_name
     if "max_num_timeout" in config:
         init[f"{cluster}_max_num_timeout"] = config["max_num_timeout"]
     executor = submitit.AutoExecutor(cluster=cluster, **init)
