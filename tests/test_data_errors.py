@@ -144,16 +144,16 @@ def test_interrupted_run_leaves_no_manifest_and_a_rerun_completes(tmp_path, monk
         real_write(self, tokens)
 
     monkeypatch.setattr(ShardWriter, "write", flaky_write)
-    monkeypatch.setattr(prep_module, "_BATCH_DOCS", 1)
     with pytest.raises(KeyboardInterrupt):
-        prepare([src], out, "bytes", val_fraction=0.0, shard_tokens=64)
-    assert not out.exists()
+        prepare([src], out, "bytes", val_fraction=0.0, shard_tokens=64, unit_bytes=1)
+    # No manifest and no shard; only the finished work units, kept for the rerun.
+    assert [p.name for p in out.iterdir()] == [".prep-work"]
     # A hard kill leaves temporaries behind; a rerun must clean them and finish.
-    out.mkdir()
     (out / ".train_00000.bin.tmp").write_bytes(b"junk")
     (out / "train_00007.bin").write_bytes(b"stale")
+    (out / ".prep-work" / ".0123.bin.tmp").write_bytes(b"half a unit")
     monkeypatch.setattr(ShardWriter, "write", real_write)
-    m = prepare([src], out, "bytes", val_fraction=0.0, shard_tokens=64)
+    m = prepare([src], out, "bytes", val_fraction=0.0, shard_tokens=64, unit_bytes=1)
     names = sorted(p.name for p in out.iterdir())
     assert names == sorted(["manifest.json"] + [s.name for s in m.shards["train"]])
     assert len(TokenDataset(out, seq_len=16)) > 0

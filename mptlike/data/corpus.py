@@ -84,48 +84,77 @@ def _clean(text: str) -> str:
     return text
 
 
-def _jsonl(path: Path, field: str) -> Iterator[Document]:
+def _line_number(path: Path, offset: int) -> int:
+    """The 1-based number of the line starting at byte `offset` (only for error messages)."""
+    count = 0
     with open(path, "rb") as f:
-        for lineno, line in enumerate(f, start=1):
+        while offset > 0:
+            chunk = f.read(min(offset, 1 << 20))
+            if not chunk:
+                break
+            count += chunk.count(b"\n")
+            offset -= len(chunk)
+    return count + 1
+
+
+def _jsonl(path: Path, field: str, start: int = 0, end: int | None = None) -> Iterator[Document]:
+    """The documents on the lines that start at a byte offset in [start, end)."""
+    with open(path, "rb") as f:
+        if start > 0:
+            # The line holding byte start-1 started before `start`: the previous range reads it.
+            f.seek(start - 1)
+            f.readline()
+        pos = f.tell()
+        while end is None or pos < end:
+            line = f.readline()
+            if not line:
+                break
+            line_start, pos = pos, pos + len(line)
             if not line.strip():
                 continue
             try:
                 row = json.loads(_decode(line))
             except json.JSONDecodeError as e:
                 raise MptlikeError(
-                    f"{path} line {lineno} is not valid JSON ({e.msg}); fix or remove that line."
+                    f"{path} line {_line_number(path, line_start)} is not valid JSON ({e.msg}); fix or "
+                    "remove that line."
                 ) from None
             if not isinstance(row, dict) or field not in row:
                 raise MptlikeError(
-                    f"{path} line {lineno} has no field {field!r}; pass the name of the text field "
-                    "with --text-field."
+                    f"{path} line {_line_number(path, line_start)} has no field {field!r}; pass the name "
+                    "of the text field with --text-field."
                 )
             text = row[field]
             if not isinstance(text, str):
                 raise MptlikeError(
-                    f"{path} line {lineno} field {field!r} is {type(text).__name__}, not a string; "
-                    "pass the name of the text field with --text-field."
+                    f"{path} line {_line_number(path, line_start)} field {field!r} is "
+                    f"{type(text).__name__}, not a string; pass the name of the text field with --text-field."
                 )
             if b"\\ud" in line or b"\\uD" in line:
                 text = _clean(text)
             yield Document(text, len(line))
 
 
-def _parquet(path: Path, field: str) -> Iterator[Document]:
+def open_parquet(path: Path):
+    """A `pyarrow.parquet.ParquetFile`, or the error naming the file."""
     import pyarrow.parquet as pq
 
     try:
-        pf = pq.ParquetFile(path)
+        return pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for unreadable files
         raise MptlikeError(
             f"{path} is not a readable parquet file ({e}); check or remove the file."
         ) from None
+
+
+def _parquet(path: Path, field: str, row_groups: Sequence[int] | None = None) -> Iterator[Document]:
+    pf = open_parquet(path)
     if field not in pf.schema_arrow.names:
         raise MptlikeError(
             f"{path} has no column {field!r} (columns: {pf.schema_arrow.names}); pass the name of "
             "the text column with --text-field."
         )
-    for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[field]):
+    for batch in pf.iter_batches(batch_size=_PARQUET_BATCH_ROWS, columns=[field], row_groups=row_groups):
         for text in batch.column(0).to_pylist():
             if text is None:
                 continue
@@ -139,13 +168,24 @@ def _parquet(path: Path, field: str) -> Iterator[Document]:
             yield Document(text, len(text))
 
 
-def read_documents(path: Path, text_field: str = "text") -> Iterator[Document]:
-    """The documents of one input file, empty ones skipped."""
+def read_documents(
+    path: Path,
+    text_field: str = "text",
+    *,
+    start: int = 0,
+    end: int | None = None,
+    row_groups: Sequence[int] | None = None,
+) -> Iterator[Document]:
+    """The documents of one input file, empty ones skipped.
+
+    Parts of a file, for prep's work units: `start`/`end` pick the `.jsonl` lines that begin in that
+    byte range, `row_groups` the row groups of a `.parquet` file; other files are one document.
+    """
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        docs = _jsonl(path, text_field)
+        docs = _jsonl(path, text_field, start, end)
     elif suffix == ".parquet":
-        docs = _parquet(path, text_field)
+        docs = _parquet(path, text_field, row_groups)
     else:
         data = path.read_bytes()
         docs = iter([Document(_decode(data), len(data))])

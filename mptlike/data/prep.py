@@ -1,28 +1,40 @@
 """`mptlike-prep`: raw text in, token shards and a manifest out.
 
-Documents are tokenized in order and each is followed by EOS, so a split is the single token
-stream MPT was pretrained on. Everything is written under temporary names and only renamed into
-place once every shard is complete; the manifest comes last. A run that fails or is killed
-leaves no manifest (the folder does not count as prepared) and the previous contents intact
-until the final renames, and a rerun with the same inputs and options does nothing.
+Each document is followed by EOS, in input order, so a split is the single token stream MPT was
+pretrained on. The inputs are cut into work units that depend only on the files (see
+`mptlike.data.units`); the units are tokenized in this process, by `--workers N` local processes
+or as Ray tasks, each into its own file under `.prep-work/` in the output folder, and this process
+copies them into the shards in input order, deciding train or val per document on the way. So the
+shards and the manifest are the same bytes whatever the number of workers or the executor.
+
+Shards are written under temporary names and only renamed into place once every shard is
+complete; the manifest comes last and `.prep-work/` is removed after it. A run that is killed or
+interrupted leaves no manifest (the folder does not count as prepared), the previous contents
+intact until the final renames, and its finished units in `.prep-work/`: a rerun with the same
+inputs and tokenizer tokenizes only the units that were not finished. A run that fails on bad
+input removes `.prep-work/`. A rerun of a finished preparation with the same inputs and options
+does nothing.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib.util
 import json
 import logging
 import os
 import re
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from mptlike.data import units
 from mptlike.data.corpus import Document, expand_inputs, read_documents, stdlib_files, stdlib_root
+from mptlike.data.executors import InProcess, ProcessPool, RayExecutor, local_cores, ray_missing_error
 from mptlike.data.manifest import (
     FORMAT_VERSION,
     MANIFEST_NAME,
@@ -33,6 +45,7 @@ from mptlike.data.manifest import (
 from mptlike.data.sampler import splitmix64
 from mptlike.data.shards import ShardWriter, remove_stale_tmp
 from mptlike.data.tokenizer import (
+    BPE_EOS,
     TOKENIZER_FILE,
     ByteTokenizer,
     HFTokenizer,
@@ -51,8 +64,7 @@ DEFAULT_CORPUS_VOCAB = 8192
 STDLIB_SOURCE = "python-stdlib"
 # BPE merges stop changing much long before this; the cap bounds training memory and time.
 BPE_TRAIN_CHARS = 1 << 30
-_BATCH_CHARS = 1 << 24  # large batches keep every thread busy despite a few huge documents
-_BATCH_DOCS = 4096
+EXECUTORS = ("local", "ray")
 _SHARD_FILE = re.compile(r"^(train|val)_\d{5}\.bin$")
 
 
@@ -153,18 +165,6 @@ class _Inputs:
         )
 
 
-def _batches(docs: Iterator[tuple[str, Document]]) -> Iterator[list[tuple[str, Document]]]:
-    batch, chars = [], 0
-    for item in docs:
-        batch.append(item)
-        chars += len(item[1].text)
-        if chars >= _BATCH_CHARS or len(batch) >= _BATCH_DOCS:
-            yield batch
-            batch, chars = [], 0
-    if batch:
-        yield batch
-
-
 def _progress(enabled: bool | None, total: int | None):
     from tqdm import tqdm
 
@@ -193,16 +193,38 @@ def prepare(
     shard_tokens: int = DEFAULT_SHARD_TOKENS,
     seed: int = 0,
     progress: bool | None = None,
+    workers: int | None = None,
+    executor: str = "local",
+    ray_address: str | None = None,
+    unit_bytes: int | None = None,
 ) -> Manifest:
     """Tokenize the inputs into `out_dir` and return its manifest (a no-op when up to date).
 
     `val_inputs`, when given, are the validation split and `val_fraction` is ignored; otherwise
     a `val_fraction` share of documents, picked by a hash of (document index, seed), is held out.
+
+    `workers`: processes that tokenize (1: this one; 0: all local cores; None: 1 locally, the
+    cluster's CPUs with Ray). `executor`: "local" or "ray" (`ray_address`: a cluster to join, else
+    a local Ray is started). `unit_bytes`: input per work unit (default: 1/1024 of the input, 256 KiB
+    to 64 MiB). None of these four changes the output, only how it is computed.
     """
     if not 0.0 <= val_fraction < 1.0:
         raise MptlikeError(f"--val-fraction {val_fraction} must lie in [0, 1); e.g. 0.01.")
     if shard_tokens < 1:
         raise MptlikeError(f"--shard-tokens {shard_tokens} must be a positive number of tokens.")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise MptlikeError(
+            f"--workers {workers} must be a number of processes (0 or auto: all {local_cores()} cores); e.g. "
+            "--workers 4."
+        )
+    if executor not in EXECUTORS:
+        raise MptlikeError(f"--executor {executor!r} is not one of {', '.join(EXECUTORS)}; e.g. --executor local.")
+    if ray_address and executor != "ray":
+        raise MptlikeError("--ray-address is only used with --executor ray; add --executor ray or drop it.")
+    if executor == "ray" and importlib.util.find_spec("ray") is None:
+        raise ray_missing_error()
+    if unit_bytes is not None and unit_bytes < 1:
+        raise MptlikeError(f"unit_bytes {unit_bytes} must be a positive number of bytes.")
     bpe_vocab = parse_bpe_spec(tokenizer)
     out = Path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
@@ -223,7 +245,9 @@ def prepare(
     }
     fingerprint = _fingerprint(options, train_files, val_files)
     existing = _is_complete(out, fingerprint)
+    store = units.UnitStore(out)
     if existing is not None:
+        store.remove()  # left only by a run killed between its manifest and this cleanup
         log.info("%s is already prepared from these inputs; nothing to do.", out)
         return existing
 
@@ -235,14 +259,40 @@ def prepare(
     created = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     remove_stale_tmp(out)
+    store.create()
     splits = ["train"] + (["val"] if val_files or val_fraction > 0 else [])
     writers: dict[str, ShardWriter] = {}
     try:
-        tok = _build_tokenizer(tokenizer, bpe_vocab, src)
+        if unit_bytes is None:
+            unit_bytes = units.default_unit_bytes(train_files + val_files)
+        plan = units.plan_units(train_files, val_files, unit_bytes, text_field)
+        bpe_key = hashlib.sha256(json.dumps(
+            [tokenizer, text_field, val_fraction, seed, bool(val_files), BPE_TRAIN_CHARS,
+             [_file_stamp(p) for p in train_files]]).encode()).hexdigest()
+        tok = _build_tokenizer(tokenizer, bpe_vocab, src, store, bpe_key)
         saved_tok = isinstance(tok, HFTokenizer)
         dtype = dtype_for_vocab(tok.vocab_size)
+        payload = units.TokenizerPayload.of(tok)
+        plan = units.with_keys(plan, payload.digest, dtype)
         writers = {s: ShardWriter(out, s, dtype, shard_tokens) for s in splits}
-        num_docs = _tokenize(tok, src, writers, progress)
+        route = _Router(writers, route_by_hash=not val_files and val_fraction > 0, seed=seed,
+                        val_fraction=val_fraction)
+
+        def executor_for(todo: int):
+            n = workers
+            if executor == "ray":
+                return RayExecutor(payload, store.dir, n or 0, ray_address)
+            n = local_cores() if n == 0 else (n or 1)
+            n = min(n, todo)
+            if n <= 1:
+                return InProcess(tok, payload.digest, store.dir)
+            return ProcessPool(payload, store.dir, n)
+
+        _run_units(plan, store, dtype, executor_for, route, tok, payload.digest,
+                   _progress(progress, src.total_bytes()))
+        for w in writers.values():
+            w.close()
+        num_docs = route.num_docs
         if num_docs["train"] == 0:
             raise src.empty_error()
         if "val" in splits and num_docs["val"] == 0:
@@ -260,21 +310,35 @@ def prepare(
             tokenizer_file=TOKENIZER_FILE if saved_tok else None,
         )
         _commit(out, writers, tok if saved_tok else None, manifest)
-    except BaseException:
+    except BaseException as exc:
         for w in writers.values():
             w.abort()
+        # Bad input means the inputs must change, which makes every finished unit stale anyway; any
+        # other failure (a signal, a full disk, a lost worker) keeps them for the rerun.
+        if isinstance(exc, MptlikeError):
+            store.remove()
         if created and out.is_dir() and not any(out.iterdir()):
             out.rmdir()
         raise
+    store.remove()
     return manifest
 
 
-def _build_tokenizer(spec: str, bpe_vocab: int | None, src: _Inputs) -> Tokenizer:
+def _build_tokenizer(
+    spec: str, bpe_vocab: int | None, src: _Inputs, store: units.UnitStore, bpe_key: str
+) -> Tokenizer:
     if spec == "bytes":
         return ByteTokenizer()
     if bpe_vocab is None:
         # Never pick up a tokenizer.json left in the output folder: the spec names the source.
         return load_tokenizer(spec)
+    cached = store.load_bpe(bpe_key)
+    if cached is not None:
+        from tokenizers import Tokenizer as _Tok
+
+        log.info("Reusing the %s trained by an interrupted run on the same inputs.", spec)
+        raw = _Tok.from_str(cached)
+        return HFTokenizer(raw, spec, raw.token_to_id(BPE_EOS))
     log.info("Training a byte-level BPE of %d ids on the training documents.", bpe_vocab)
     seen = {"docs": 0, "chars": 0}
 
@@ -292,33 +356,104 @@ def _build_tokenizer(spec: str, bpe_vocab: int | None, src: _Inputs) -> Tokenize
     tok = train_bpe(texts(), bpe_vocab)
     if seen["docs"] == 0:
         raise src.empty_error()
+    store.save_bpe(bpe_key, tok.tok.to_str())
     return tok
 
 
-def _tokenize(
-    tok: Tokenizer, src: _Inputs, writers: dict[str, ShardWriter], progress: bool | None
-) -> dict[str, int]:
-    """Encode every document, EOS after each, into its split's shards; documents per split."""
-    num_docs = dict.fromkeys(writers, 0)
-    eos = np.array([tok.eos_id], dtype=np.int64)
-    tokens = 0
-    with _progress(progress, src.total_bytes()) as bar:
-        for batch in _batches(src.documents()):
-            ids = tok.encode_batch([d.text for _, d in batch])
-            parts: dict[str, list[np.ndarray]] = {s: [] for s in writers}
-            for (split, _), arr in zip(batch, ids):
-                parts[split] += [arr, eos]
-                num_docs[split] += 1
-            for split, arrays in parts.items():
-                if arrays:
-                    joined = np.concatenate(arrays)
-                    writers[split].write(joined)
-                    tokens += joined.size
-            bar.update(sum(d.nbytes for _, d in batch))
-            bar.set_postfix(docs=sum(num_docs.values()), tokens=tokens, refresh=False)
-    for w in writers.values():
-        w.close()
-    return num_docs
+class _Router:
+    """Copies units into the shards in input order, sending each document to train or val."""
+
+    def __init__(self, writers: dict[str, ShardWriter], route_by_hash: bool, seed: int, val_fraction: float) -> None:
+        self.writers, self.route_by_hash = writers, route_by_hash
+        self.seed, self.val_fraction = seed, val_fraction
+        self.num_docs = dict.fromkeys(writers, 0)
+        self.index = 0  # training-input documents seen so far: the key of the val hash
+        self.tokens = 0
+
+    def __call__(self, unit: units.Unit, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        self.tokens += tokens.size
+        if unit.split == "val" or not self.route_by_hash:
+            self.writers[unit.split].write(tokens)
+            self.num_docs[unit.split] += lengths.size
+            if unit.split == "train":
+                self.index += lengths.size
+            return
+        # Consecutive documents of the same split go to their writer as one slice.
+        ends = np.cumsum(lengths, dtype=np.int64)
+        run_start, current = 0, None
+        for i in range(lengths.size):
+            split = "val" if is_val_document(self.index + i, self.seed, self.val_fraction) else "train"
+            self.num_docs[split] += 1
+            if split != current:
+                if current is not None:
+                    self.writers[current].write(tokens[run_start:ends[i - 1]])
+                    run_start = int(ends[i - 1])
+                current = split
+        if current is not None:
+            self.writers[current].write(tokens[run_start:])
+        self.index += lengths.size
+
+
+def _run_units(
+    plan: list[units.Unit],
+    store: units.UnitStore,
+    dtype: str,
+    executor_for: Callable[[int], object],
+    route: _Router,
+    tok: Tokenizer,
+    digest: str,
+    bar,
+) -> None:
+    """Tokenize the units not finished yet (a bounded number in flight) and route all in order."""
+    done = store.finished(plan, dtype)
+    todo = [u for u in plan if u.key not in done]
+    runner = executor_for(len(todo)) if todo else None
+    mb = sum(u.weight for u in plan) / max(1, len(plan)) / 1e6
+    log.info("%d work units of ~%.1f MB: %d to tokenize%s, %d reused from an interrupted run.",
+             len(plan), mb, len(todo), f" ({_describe_runner(runner)})" if runner else "", len(done))
+    handles: dict[str, object] = {}
+    queue = iter(todo)
+    tokenized = 0
+    ok = False
+    try:
+        with bar:
+            for unit in plan:
+                while runner is not None and len(handles) < runner.window:
+                    nxt = next(queue, None)
+                    if nxt is None:
+                        break
+                    handles[nxt.key] = runner.submit(nxt)
+                if unit.key in done:
+                    data = store.load(unit, done[unit.key])
+                    if data is None:
+                        log.warning("Work unit %s of the interrupted run is damaged; tokenizing it again.", unit.key)
+                        data = store.load(unit, units.tokenize_unit(unit, store.dir, tok, digest))
+                        tokenized += 1
+                else:
+                    data = store.load(unit, runner.result(handles.pop(unit.key)))
+                    tokenized += 1
+                if data is None:
+                    bin_path = units.unit_paths(store.dir, unit.key)[0]
+                    raise MptlikeError(
+                        f"Work unit {bin_path} was tokenized but is missing or damaged here; with --executor "
+                        "ray, --out and the inputs must be on a file system every node mounts at the same path."
+                    )
+                route(unit, *data)
+                bar.update(unit.weight)
+                bar.set_postfix(docs=sum(route.num_docs.values()), tokens=route.tokens, refresh=False)
+        ok = True
+    finally:
+        if runner is not None:
+            runner.close(ok)
+    log.info("Tokenized %d work units, reused %d.", tokenized, len(plan) - tokenized)
+
+
+def _describe_runner(runner: object) -> str:
+    if isinstance(runner, RayExecutor):
+        return f"Ray, {runner.workers} at a time"
+    if isinstance(runner, ProcessPool):
+        return f"{runner.window // 2} worker processes"
+    return "in this process"
 
 
 def _commit(
@@ -370,8 +505,15 @@ def _parser() -> argparse.ArgumentParser:
                    help="a validation input (repeatable); then --val-fraction is ignored")
     p.add_argument("--default-corpus", action="store_true",
                    help="add the Python standard library's .py files as training text")
-    p.add_argument("--workers", type=int, default=None,
-                   help="tokenizer threads (default: all cores)")
+    p.add_argument("--workers", default=None, metavar="N",
+                   help="processes that tokenize: 1 (default with --executor local), 0 or auto (all local "
+                        "cores); with --executor ray, tasks at a time (default: the cluster's CPUs)")
+    p.add_argument("--executor", default="local", metavar="{local,ray}",
+                   help="local processes (default), or Ray tasks (pip install 'mptlike[ray]'); same output "
+                        "either way")
+    p.add_argument("--ray-address", default=None, metavar="ADDR",
+                   help="Ray cluster to join (e.g. auto or ray://head:10001; default: start a local Ray); "
+                        "--out and the inputs must be on a file system every node mounts at the same path")
     p.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS,
                    help="tokens per shard file (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the validation split")
@@ -381,9 +523,11 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.workers is not None:
-        # Read by the tokenizers library when its thread pool starts, i.e. on first use.
-        os.environ.setdefault("RAYON_NUM_THREADS", str(max(1, args.workers)))
+    workers = _parse_workers(args.workers)
+    if workers is False:
+        print(f"mptlike-prep: error: --workers {args.workers} must be a number of processes, or 0 or auto for "
+              f"all {local_cores()} cores; e.g. --workers 4.", file=sys.stderr)
+        return EXIT_USAGE
     tokenizer = args.tokenizer
     if tokenizer is None:
         if not args.default_corpus:
@@ -396,13 +540,14 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.inputs, args.out, tokenizer, text_field=args.text_field,
             val_fraction=args.val_fraction, val_inputs=args.val,
             default_corpus=args.default_corpus, shard_tokens=args.shard_tokens, seed=args.seed,
+            workers=workers, executor=args.executor, ray_address=args.ray_address,
         )
     except MptlikeError as e:
         print(f"mptlike-prep: error: {' '.join(str(e).split())}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print(f"mptlike-prep: interrupted before finishing; rerun the same command to prepare "
-              f"{args.out}.", file=sys.stderr)
+              f"{args.out} (finished work units are kept and reused).", file=sys.stderr)
         return 130
     counts = ", ".join(
         f"{s}: {m.num_tokens[s]:,} tokens in {m.num_documents[s]:,} documents"
@@ -411,3 +556,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"{m.data_dir}: {counts} ({m.tokenizer}, vocab {m.vocab_size}, {m.dtype})")
     return 0
 
+
+
+def _parse_workers(raw: str | None) -> int | None | bool:
+    """--workers as a count (0: all cores), None when not given, False when malformed."""
+    if raw is None:
+        return None
+    if raw.strip().lower() == "auto":
+        return 0
+    try:
+        n = int(raw)
+    except ValueError:
+        return False
+    return n if n >= 0 else False
