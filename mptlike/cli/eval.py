@@ -17,20 +17,17 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib.util
 import json
 import logging
 import time
 from collections.abc import Sequence
-from pathlib import Path
 
 import torch
 
 from mptlike.cli import add_verbose, pick_device, positive_int, run_command
 from mptlike.errors import MptlikeError
 from mptlike.integrations.checkpoint_io import TokenizerSource, load_checkpoint_tokenizer, read_checkpoint
-
-EVAL_EXTRA_HINT = "pip install 'mptlike[eval]'"
+from mptlike.integrations.lm_eval_tasks import dataset_error, require_lm_eval, resolve_tasks
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -179,71 +176,6 @@ def run(args: argparse.Namespace) -> int:
 # ---- downstream tasks ---------------------------------------------------------------------------
 
 
-def _require_lm_eval() -> None:
-    if importlib.util.find_spec("lm_eval") is None:
-        raise MptlikeError(
-            f"--tasks needs EleutherAI's lm-evaluation-harness, which is not installed: {EVAL_EXTRA_HINT}"
-        )
-
-
-def _is_task_file(item: str) -> bool:
-    return item.endswith((".yaml", ".yml"))
-
-
-def _task_file_config(path: Path) -> dict:
-    """A task YAML as lm-eval reads it (includes merged, !function resolved next to the file)."""
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    if not path.is_file():
-        raise MptlikeError(f"task file {path} does not exist: pass an lm-eval task name or a task YAML file")
-    try:
-        config = load_yaml(path, resolve_func=True)
-    except Exception as exc:  # yaml, a missing include or a bad !function: all mean the file cannot be used
-        detail = " ".join(str(exc).split())
-        raise MptlikeError(
-            f"task file {path} could not be read ({type(exc).__name__}: {detail[:300]}): fix the YAML"
-        ) from None
-    if not isinstance(config.get("task") or config.get("group"), str):
-        raise MptlikeError(f"task file {path} names no task (a 'task:' or 'group:' key): it is not an lm-eval task")
-    return config
-
-
-def resolve_tasks(spec: str, include_paths: Sequence[str]):
-    """The task list and TaskManager for simple_evaluate; unknown names and unreadable files are MptlikeErrors."""
-    from lm_eval.tasks import TaskManager
-
-    items = [item.strip() for item in spec.split(",") if item.strip()]
-    if not items:
-        raise MptlikeError("--tasks is empty: name lm-eval tasks (e.g. hellaswag,lambada_openai) or task YAML files")
-    for folder in include_paths:
-        if not Path(folder).is_dir():
-            raise MptlikeError(f"--include-path {folder} is not a folder of task YAMLs")
-    files = [Path(item).expanduser().absolute() for item in items if _is_task_file(item)]
-    configs = {path: _task_file_config(path) for path in files}
-    names = [item for item in items if not _is_task_file(item)]
-    # Indexing lm-eval's thousands of built-in task files takes seconds. Task files alone do not need it:
-    # they are loaded as given, from their own folders; a group may name built-in tasks, so it does.
-    paths = [str(p) for p in include_paths] + sorted({str(p.parent) for p in files})
-    groups = any("group" in config for config in configs.values())
-    manager = TaskManager(include_path=paths or None, include_defaults=bool(names) or groups or not files)
-    tasks: list = []
-    unknown = []
-    for item in items:
-        if _is_task_file(item):
-            tasks.append(configs[Path(item).expanduser().absolute()])
-            continue
-        found = manager.match_tasks([item])
-        if not found:
-            unknown.append(item)
-        tasks += [name for name in found if name not in tasks]
-    if unknown:
-        raise MptlikeError(
-            f"unknown lm-eval task{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}: see `lm-eval ls tasks` for "
-            "the names, or pass a task YAML file (or its folder with --include-path)"
-        )
-    return tasks, manager
-
-
 def _table(results: dict) -> str:
     from lm_eval.utils import make_table
 
@@ -254,7 +186,7 @@ def _table(results: dict) -> str:
 
 
 def run_tasks(args: argparse.Namespace) -> int:
-    _require_lm_eval()
+    require_lm_eval("--tasks")
     # lm-eval logs every step at INFO; keep it to warnings unless asked.
     logging.getLogger("lm_eval").setLevel(logging.INFO if args.verbose else logging.WARNING)
     from lm_eval import simple_evaluate
@@ -265,7 +197,7 @@ def run_tasks(args: argparse.Namespace) -> int:
     ckpt = read_checkpoint(args.checkpoint)
     override = TokenizerSource(spec=args.tokenizer, data_dir=args.tokenizer_data) if args.tokenizer else None
     tokenizer = load_checkpoint_tokenizer(ckpt, override, name=args.checkpoint)
-    tasks, manager = resolve_tasks(args.tasks, args.include_path)
+    tasks, manager = resolve_tasks(args.tasks.split(","), args.include_path)
     device = pick_device(args.device)  # a GPU asked for here and missing is an error, not the CPU
     lm = MptlikeLM(
         checkpoint=ckpt, tokenizer=tokenizer, batch_size=args.batch_size, device=str(device), precision=args.precision
@@ -280,12 +212,7 @@ def run_tasks(args: argparse.Namespace) -> int:
             log_samples=False,
         )
     except (FileNotFoundError, ConnectionError) as exc:
-        # A dataset that is neither cached nor reachable (HF_DATASETS_OFFLINE=1 on a cluster, a wrong data_files path).
-        detail = " ".join(str(exc).split())
-        raise MptlikeError(
-            f"a task's dataset could not be loaded ({type(exc).__name__}: {detail[:300]}): download it where there "
-            "is network (it is then cached), or point the task YAML's dataset_kwargs.data_files at local files"
-        ) from None
+        raise dataset_error(exc) from None
     if results is None:  # only ranks other than 0 get None; this is a single process
         return 1
     results.pop("samples", None)

@@ -6,7 +6,7 @@ owns everything else and reads top to bottom:
     each step: this rank's micro-batches forward/backward (FSDP2 reduce-scatters after each; after
       the last only with parallel.accumulate_unsharded=true), one
       all-reduce of the loss and of "did any rank get a signal", clip, the guard's verdict,
-      optimizer step (or skip, or roll back), log, evaluate, checkpoint
+      optimizer step (or skip, or roll back), log, evaluate (validation loss, lm-eval tasks), checkpoint
     on a signal: checkpoint this step and return; at max_steps: final checkpoint, evaluation, export
 
 Exact resume needs the loop to pull micro-batches from the resumable loader itself (nothing
@@ -154,6 +154,14 @@ class Run:
         if cfg.eval.every_n_steps or cfg.eval.at_end:
             self.val_data = open_val_split(plan.data.path, seq_len=plan.model_config.max_seq_len,
                                            with_sequence_id=plan.model_config.attn_uses_sequence_id)
+        self.tasks = None
+        if cfg.eval.tasks:
+            # lm-eval is imported only here: a run without eval.tasks never loads it.
+            from mptlike.train.tasks import TaskEvaluator
+
+            self.tasks = TaskEvaluator(cfg.eval, model=self.model, data_path=plan.data.path, device=fabric.device,
+                                       autocast=fabric.autocast, rank=self.rank, world_size=self.world,
+                                       batch_size=cfg.trainer.micro_batch_size)
         self.progress = Progress()
         self.guard = NonFiniteGuard(cfg.guard.nonfinite, cfg.guard.max_skips, plan.run_dir if self.rank_zero else None)
         self.checkpointer = Checkpointer(plan.run_dir, every_n_steps=ck.every_n_steps, keep_last=ck.keep_last,
@@ -266,6 +274,21 @@ class Run:
             log.info("step %d: val/loss %.4f, val/perplexity %.2f", self.progress.step, metrics["val/loss"],
                      metrics["val/perplexity"])
 
+    def tasks_due(self) -> bool:
+        every = self.cfg.eval.tasks_every_n_steps
+        return self.tasks is not None and bool(every) and self.progress.step % every == 0
+
+    def evaluate_tasks(self) -> None:
+        """eval.tasks on the weights of this step (mptlike.train.tasks), logged as eval/<task>/<metric>."""
+        if self.tasks is None:
+            return
+        started = time.perf_counter()
+        with self.meter.paused():
+            metrics = self.tasks.evaluate()
+        self.loggers.log(metrics, self.progress.step)
+        shown = ", ".join(f"{name.removeprefix('eval/')} {value:.4g}" for name, value in metrics.items())
+        log.info("step %d: %s (%.1fs)", self.progress.step, shown, time.perf_counter() - started)
+
     def save(self) -> None:
         with self.meter.paused():
             self.checkpointer.save(self.progress.step, self.model, self.optimizer, self.components)
@@ -284,6 +307,7 @@ class Run:
         else:
             if trained and cfg.eval.at_end:
                 self.evaluate()
+                self.evaluate_tasks()
             if cfg.checkpoint.export_final or cfg.sample.max_new_tokens:
                 export_dir, sample = export_and_sample(self.model, self.plan)
             if export_dir is not None:
@@ -333,6 +357,8 @@ def fit(plan: RunPlan, *, on_start: Callable[[], None], preemption: Preemption) 
                 break
             if cfg.eval.every_n_steps and run.progress.step % cfg.eval.every_n_steps == 0:
                 run.evaluate()
+            if run.tasks_due():
+                run.evaluate_tasks()
             if run.checkpointer.due(run.progress.step):
                 run.save()
         preempted_by = (preemption.requested or OTHER_RANK) if stop else None

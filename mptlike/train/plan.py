@@ -25,6 +25,7 @@ from mptlike.train.config import TrainConfig, config_to_dict
 from mptlike.train.layout import CONFIG
 from mptlike.train.optim import check_optimizer_args
 from mptlike.train.schedule import Schedule
+from mptlike.train.tasks import check_tasks, check_tasks_config
 
 log = logging.getLogger(__name__)
 
@@ -221,6 +222,7 @@ def _check_misc(cfg: TrainConfig) -> None:
     _positive("checkpoint.keep_last", cfg.checkpoint.keep_last, zero_ok=True)
     _positive("eval.every_n_steps", cfg.eval.every_n_steps, zero_ok=True)
     _positive("eval.max_samples", cfg.eval.max_samples)
+    check_tasks_config(cfg)  # before trainer.backend=composer looks for Composer: it refuses eval.tasks
     _positive("data.num_workers", cfg.data.num_workers, zero_ok=True)
     _positive("sample.max_new_tokens", s.max_new_tokens, zero_ok=True)
     _non_negative("sample.temperature", s.temperature, "use 0 (greedy) or a positive number")
@@ -445,6 +447,8 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
         check_attn_impl(model.attn_impl)
         check_wandb_installed(cfg)
         data = check_data(cfg, model)
+        if cfg.eval.tasks:
+            check_tasks(cfg, None if data.needs_prepare else data.path)
         if composer:
             # Composer is optional (its own environment); its checkpoint layout is read with torch alone.
             from mptlike.integrations.composer import checkpoints as composer_checkpoints

@@ -1,10 +1,12 @@
-"""Datasets of the tiny offline lm-eval tasks, read from the jsonl files beside this module.
+"""Datasets of the tiny offline lm-eval tasks, read from the jsonl files beside this module, and one
+process_results function (tiny_gen_text.yaml).
 
 Task YAMLs name them as `custom_dataset: !function tiny_data.NAME`: lm-eval imports this file from the
 YAML's folder, so the tasks load from any working directory, with no network and no datasets cache.
 """
 
 import json
+import zlib
 from pathlib import Path
 
 import datasets
@@ -24,3 +26,10 @@ def tiny_mc(**metadata) -> datasets.DatasetDict:
 
 def tiny_gen(**metadata) -> datasets.DatasetDict:
     return _split("tiny_gen.jsonl")
+
+
+def generated_text(doc, results) -> dict:
+    """Metrics that see the generated text itself (a model that is still random matches no answer):
+    its length, and its CRC-32 as a fraction, so that any other string gives another mean."""
+    (text,) = results
+    return {"chars": len(text), "text_crc": zlib.crc32(text.encode("utf-8")) / 2**32}
