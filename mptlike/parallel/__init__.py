@@ -1,6 +1,8 @@
-"""Parallelism applied to a model from the outside: FSDP2, activation checkpointing, compile, init."""
+"""Parallelism applied to a model from the outside: the device mesh, FSDP2/HSDP, activation checkpointing, compile,
+init."""
 
 from mptlike.parallel.materialize import INIT_MODES, materialize, resolve_init_mode
+from mptlike.parallel.mesh import MeshPlan, build_mesh, resolve_mesh
 from mptlike.parallel.parallelize import (
     AC_MODES,
     ParallelPlan,
@@ -18,16 +20,19 @@ __all__ = [
     "AC_MODES",
     "DTYPES",
     "INIT_MODES",
+    "MeshPlan",
     "ParallelPlan",
     "PrecisionPlan",
     "apply_activation_checkpointing",
     "apply_compile",
     "apply_fsdp",
+    "build_mesh",
     "is_sharded",
     "materialize",
     "model_blocks",
     "parallelize",
     "resolve_init_mode",
+    "resolve_mesh",
     "resolve_precision",
     "unwrapped_name",
 ]

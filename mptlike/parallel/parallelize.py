@@ -79,7 +79,12 @@ def apply_fsdp(
     reduce_dtype: torch.dtype | None,
     reshard_after_forward: bool = True,
 ) -> None:
-    """fully_shard each block, then the root (embeddings, final norm and any untied head)."""
+    """fully_shard each block, then the root (embeddings, final norm and any untied head).
+
+    A 1-D mesh shards over all its ranks (FSDP2); a 2-D ("dp_replicate", "dp_shard") mesh is HSDP:
+    parameters are sharded over the last dimension and replicated over the first
+    (mptlike.parallel.mesh).
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     # Keep the blocks' forward inputs as they come: the hidden states are bf16 already (the embedding is
@@ -93,16 +98,19 @@ def apply_fsdp(
         reshard = reshard_after_forward and i < len(blocks) - 1
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    average_gradients_where_avg_sums(model)
+    average_gradients_where_avg_sums(model, mesh)
 
 
-def average_gradients_where_avg_sums(model: nn.Module) -> bool:
-    """Make FSDP2's gradient reduction a mean where the process group's AVG reduce-scatter sums.
+def average_gradients_where_avg_sums(model: nn.Module,
+                                     mesh: torch.distributed.device_mesh.DeviceMesh | None = None) -> bool:
+    """Make FSDP2's gradient reduction a mean where the process group's AVG collectives sum.
 
-    torch 2.6/2.7 reduce-scatter FSDP2 gradients with ReduceOp.AVG, which gloo (CPU) executes as
-    a sum: every gradient comes out world_size times too large (Adam hides the scale, gradient
-    clipping and the logged norm do not). Where a one-element probe shows that, a hook after each
-    reduce-scatter divides by the world size. Collective; returns whether the hook was installed.
+    torch 2.6/2.7 reduce FSDP2 gradients with ReduceOp.AVG, which gloo (CPU) executes as a sum: every
+    gradient comes out world_size times too large (Adam hides the scale, gradient clipping and the
+    logged norm do not). One-element probes on the mesh's groups (the reduce-scatter within a shard
+    group and, under HSDP, the all-reduce across replicas; the whole world when `mesh` is None) find
+    the factor; a hook after the reduction (FSDP2 runs it after HSDP's all-reduce too) divides by it.
+    Collective; returns whether the hook was installed.
     """
     import torch.distributed as dist
     from torch.distributed.fsdp import FSDPModule
@@ -111,14 +119,25 @@ def average_gradients_where_avg_sums(model: nn.Module) -> bool:
         return False
     if "gloo" not in str(dist.get_backend()) or any(p.is_cuda for p in model.parameters()):
         return False
-    world = dist.get_world_size()
-    probe = torch.empty(1)
-    dist.reduce_scatter_tensor(probe, torch.ones(world), op=dist.ReduceOp.AVG)
-    if probe.item() < 1.5:
+    if mesh is None or mesh.ndim == 1:
+        shard_group, replicate_group = (None if mesh is None else mesh.get_group()), None
+    else:
+        replicate_group, shard_group = mesh.get_group(0), mesh.get_group(1)
+    factor = 1
+    shards = dist.get_world_size(shard_group)
+    if shards > 1:
+        probe = torch.empty(1)
+        dist.reduce_scatter_tensor(probe, torch.ones(shards), op=dist.ReduceOp.AVG, group=shard_group)
+        factor *= shards if probe.item() > 1.5 else 1
+    if replicate_group is not None:
+        probe = torch.ones(1)
+        dist.all_reduce(probe, op=dist.ReduceOp.AVG, group=replicate_group)
+        factor *= dist.get_world_size(replicate_group) if probe.item() > 1.5 else 1
+    if factor == 1:
         return False
     for module in model.modules():
         if isinstance(module, FSDPModule):
-            module.set_all_reduce_hook(lambda grad: grad.div_(world))
+            module.set_all_reduce_hook(lambda grad: grad.div_(factor))
     return True
 
 
@@ -130,7 +149,8 @@ def parallelize(
     param_dtype: torch.dtype | None = None,
     reduce_dtype: torch.dtype | None = torch.float32,
 ) -> nn.Module:
-    """Activation checkpointing, then compile, then FSDP2 when a mesh with more than one rank is given.
+    """Activation checkpointing, then compile, then FSDP2 (HSDP on a 2-D mesh) when a mesh with more than one
+    rank is given.
 
     The model may (and for large models should) still be on the meta device; materialize it
     afterwards with `mptlike.parallel.materialize`. With no mesh, or a mesh of one rank, nothing is

@@ -130,7 +130,7 @@ def dry_run_report(plan) -> str:
     params = model.num_params()
     fpt = model.flops_per_token(mc.max_seq_len)
     tokens = plan.tokens_per_step
-    # fp32 master weights + fp32 grads + two fp32 Adam moments (Lion: one), sharded over all ranks.
+    # fp32 master weights + fp32 grads + two fp32 Adam moments (Lion: one), sharded over dp_shard ranks.
     state_bytes = params * (16 if cfg.optim.name == "decoupled_adamw" else 12)
     lines = [
         f"dry run of {cfg.name}: nothing was allocated or written",
@@ -138,6 +138,7 @@ def dry_run_report(plan) -> str:
         f"model: d_model={mc.d_model} n_layers={mc.n_layers} n_heads={mc.n_heads} "
         f"max_seq_len={mc.max_seq_len} vocab_size={mc.vocab_size} attn_impl={mc.attn_impl}",
         f"world_size: {world.world_size} ({world.num_nodes} nodes x {world.devices} devices)",
+        f"mesh: {plan.mesh.describe()}",
         f"global_batch_size: {cfg.trainer.global_batch_size} sequences = {tokens} tokens per step",
         f"micro_batch_size: {cfg.trainer.micro_batch_size}",
         f"accumulation_steps: {plan.accumulation_steps}",
@@ -146,8 +147,8 @@ def dry_run_report(plan) -> str:
         f"flops_per_step: {fpt * tokens:.4g}",
         f"precision: {plan.precision.name}; activation_checkpointing: {plan.parallel.ac_mode}; "
         f"sharded: {world.world_size > 1}",
-        f"params_grads_optimizer_gb_per_rank: {state_bytes / world.world_size / 1e9:.2f} (fp32, sharded; "
-        "activations extra)",
+        f"params_grads_optimizer_gb_per_rank: {state_bytes / plan.mesh.dp_shard / 1e9:.2f} (fp32, sharded over "
+        f"{plan.mesh.dp_shard}; activations extra)",
     ]
     return "\n".join(lines)
 

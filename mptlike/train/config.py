@@ -113,6 +113,11 @@ class ParallelConfig:
     # so a rank holds only its gradient shard; true reduce-scatters once, after the last micro-batch
     # (less communication, but a full fp32 gradient of the whole model on every rank: small models only).
     accumulate_unsharded: bool = False
+    # The data-parallel mesh (mptlike.parallel.mesh); dp_replicate x dp_shard must equal the world size.
+    # dp_replicate > 1 is HSDP: shard within groups of dp_shard ranks (e.g. one node), replicate across
+    # the groups. dp_shard=-1: the world size divided by dp_replicate.
+    dp_replicate: int = 1
+    dp_shard: int = -1
 
 
 @dataclass
@@ -177,6 +182,9 @@ class DebugConfig:
     # Rank 0 appends {"step": N, "samples": [global sample indices]} per step to run_dir/samples.jsonl
     # (rows past a resumed step are dropped on resume), to audit the data order across restarts.
     log_sample_ids: bool = False
+    # [a, b]: a torch.profiler trace of steps a..b (1-based, inclusive) per rank under
+    # run_dir/profile/rank{R}/ (Chrome/Perfetto JSON), and on CUDA a memory snapshot per rank there.
+    profile_steps: Optional[List[int]] = None
 
 
 @dataclass

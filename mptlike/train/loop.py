@@ -27,7 +27,7 @@ from torch import nn
 
 from mptlike.data import TokenDataset, build_loader
 from mptlike.model import MPTForCausalLM
-from mptlike.parallel import is_sharded, materialize, parallelize, resolve_init_mode
+from mptlike.parallel import build_mesh, is_sharded, materialize, parallelize, resolve_init_mode
 from mptlike.train import faults
 from mptlike.train.checkpoint import Checkpointer, load_pretrained_weights
 from mptlike.train.evaluate import evaluate, open_val_split
@@ -38,6 +38,7 @@ from mptlike.train.layout import GUARD_EVENTS, SAMPLES_LOG
 from mptlike.train.loggers import build_loggers
 from mptlike.train.optim import build_optimizer
 from mptlike.train.plan import RunPlan
+from mptlike.train.profile import StepProfiler
 from mptlike.train.redact import redact
 from mptlike.train.result import RunResult
 from mptlike.train.schedule import LRScheduler
@@ -70,8 +71,9 @@ def build_fabric(plan: RunPlan):
     world = plan.world
     strategy: Any = "auto"
     if world.world_size > 1:
-        # Fabric sets up the process group and the mesh; mptlike.parallel shards the model itself,
-        # from outside the model (build_model), so Fabric's own parallelize hook is not used.
+        # Fabric sets up the process group; mptlike.parallel builds the mesh (plan.mesh: FSDP2 or HSDP)
+        # and shards the model itself, from outside the model (build_model): Fabric's own mesh
+        # (data_parallel x tensor_parallel, no HSDP) and parallelize hook are not used.
         strategy = ModelParallelStrategy(parallelize_fn=lambda module, mesh: module,
                                          data_parallel_size=world.world_size, tensor_parallel_size=1)
     # Under torchrun (also inside SLURM), torchrun's ranks are the truth, not SLURM's tasks.
@@ -88,7 +90,7 @@ def build_model(plan: RunPlan, fabric) -> MPTForCausalLM:
             return MPTForCausalLM(plan.model_config)
 
     model = on_meta()
-    mesh = fabric.strategy.device_mesh["data_parallel"] if plan.world.world_size > 1 else None
+    mesh = build_mesh(plan.mesh, fabric.device.type)  # None for one process
     parallelize(model, plan.parallel, mesh=mesh, param_dtype=plan.precision.param_dtype,
                 reduce_dtype=plan.precision.reduce_dtype)
     init = resolve_init_mode(str(plan.cfg.parallel.init), fabric.device, plan.world.world_size)
@@ -325,6 +327,7 @@ def fit(plan: RunPlan, *, on_start: Callable[[], None], preemption: Preemption) 
     fabric = build_fabric(plan)
     fabric.launch()
     run = Run(plan, fabric)
+    profiler = StepProfiler(cfg.debug.profile_steps, plan.run_dir, rank=run.rank, device=fabric.device)
     try:
         injected.maybe_signal(0, run.rank)  # "during setup"
         on_start()
@@ -332,6 +335,7 @@ def fit(plan: RunPlan, *, on_start: Callable[[], None], preemption: Preemption) 
         stop = False
         batches = iter(run.loader)
         while run.progress.step < max_steps:
+            profiler.step_starts(run.progress.step + 1)
             position = run.skip_rolled_back_batches(batches)
             lr = run.scheduler.apply(run.progress.step)
             injected.maybe_signal(run.progress.step + 1, run.rank)
@@ -350,6 +354,7 @@ def fit(plan: RunPlan, *, on_start: Callable[[], None], preemption: Preemption) 
             run.progress.step += 1
             run.progress.tokens_seen += plan.tokens_per_step
             run.log_step(loss=loss, lr=lr, grad_norm=grad_norm, position=position, skipped=action is Action.SKIP)
+            profiler.step_ended(run.progress.step)
             if run.progress.step >= max_steps:
                 stop = False  # a signal during the last step: the run ends normally, with its export
                 break
@@ -364,4 +369,5 @@ def fit(plan: RunPlan, *, on_start: Callable[[], None], preemption: Preemption) 
         preempted_by = (preemption.requested or OTHER_RANK) if stop else None
         return run.finish(preempted_by=preempted_by, wall_seconds=time.perf_counter() - started)
     finally:
+        profiler.close()  # a run that stopped inside debug.profile_steps writes what it recorded
         run.loggers.close()  # also on an error: W&B flushes its offline file, the progress bar ends

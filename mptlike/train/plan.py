@@ -19,7 +19,7 @@ import torch
 
 from mptlike.errors import MptlikeError, short_error
 from mptlike.model import MPTConfig
-from mptlike.parallel import ParallelPlan, PrecisionPlan, resolve_precision
+from mptlike.parallel import MeshPlan, ParallelPlan, PrecisionPlan, resolve_mesh, resolve_precision
 from mptlike.train.checkpoint import checkpoint_step, read_train_state, resolve_resume
 from mptlike.train.config import TrainConfig, config_to_dict
 from mptlike.train.layout import CONFIG
@@ -76,6 +76,7 @@ class RunPlan:
     resume_from: Path | None
     start_step: int
     init_from: Path | None = None
+    mesh: MeshPlan = MeshPlan()  # dp_replicate x dp_shard, their product the world size
 
     @property
     def run_dir(self) -> Path:
@@ -114,6 +115,15 @@ def _accelerator(requested: str, dry_run: bool) -> str:
             "trainer.accelerator=gpu but no CUDA device is visible: use trainer=cpu (or trainer.accelerator=auto)"
         )
     return str(requested)
+
+
+def _check_profile_steps(steps: list[int] | None, max_steps: int) -> None:
+    if steps is None:
+        return
+    steps = list(steps)
+    if len(steps) != 2 or not 1 <= steps[0] <= steps[1] <= max_steps:
+        raise MptlikeError(f"debug.profile_steps={steps} is invalid: use [a,b] with 1 <= a <= b <= trainer.max_steps="
+                           f"{max_steps}, e.g. debug.profile_steps=[{min(2, max_steps)},{min(3, max_steps)}]")
 
 
 def _check_batch(global_batch: int, micro_batch: int, world: WorldInfo) -> int:
@@ -337,6 +347,13 @@ def check_run_dir_free(cfg: TrainConfig) -> None:
 def check_composer_plan(plan: RunPlan) -> None:
     """What the Composer backend cannot do, refused before anything is prepared or written."""
     world, cfg = plan.world, plan.cfg
+    if plan.mesh.hsdp:
+        raise MptlikeError(
+            f"parallel.dp_replicate={plan.mesh.dp_replicate} (HSDP) with trainer.backend=composer: the Composer "
+            f"backend shards over all ranks only; use parallel.dp_replicate=1 or trainer.backend=lightning")
+    if cfg.debug.profile_steps:
+        raise MptlikeError("debug.profile_steps with trainer.backend=composer: the profiler is built into the "
+                           "Lightning loop only; drop debug.profile_steps or use trainer.backend=lightning")
     if world.world_size > 1 and not world.external:
         raise MptlikeError(
             f"trainer.devices x trainer.num_nodes = {world.world_size} processes with trainer.backend=composer "
@@ -367,7 +384,8 @@ def estimate_memory(plan: RunPlan):
     cfg = plan.cfg
     return estimate_training_memory(
         plan.model_config, micro_batch=cfg.trainer.micro_batch_size, precision=plan.precision,
-        parallel=plan.parallel, world_size=plan.world.world_size, accumulation_steps=plan.accumulation_steps,
+        parallel=plan.parallel, world_size=plan.mesh.dp_shard if plan.mesh.hsdp else plan.world.world_size,
+        accumulation_steps=plan.accumulation_steps,
         optimizer=str(cfg.optim.name), optimizer_impl=str(cfg.optim.impl),
         device="cuda" if plan.accelerator == "gpu" else "cpu")
 
@@ -421,6 +439,8 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
         raise MptlikeError("model.attn_impl=flex cannot train on CPU (FlexAttention has no CPU backward): use "
                            "model.attn_impl=sdpa or auto, or a GPU")
     world = detect_world(cfg.trainer.devices, cfg.trainer.num_nodes)
+    mesh = resolve_mesh(cfg.parallel.dp_replicate, cfg.parallel.dp_shard, world.world_size)
+    _check_profile_steps(cfg.debug.profile_steps, cfg.trainer.max_steps)
     accum = _check_batch(cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size, world)
     precision = resolve_precision(
         cfg.trainer.precision,
@@ -483,6 +503,7 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
         resume_from=resume_from,
         start_step=start_step,
         init_from=init_from,
+        mesh=mesh,
     )
     if composer and not cfg.dry_run:
         check_composer_plan(plan)
