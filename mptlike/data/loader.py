@@ -127,11 +127,21 @@ class ResumableLoader:
     def epoch(self) -> int:
         return self.samples_consumed // self.num_samples
 
-    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
-        sampler = _RankMicroBatches(
+    def _sampler(self) -> Sampler[list[int]]:
+        return _RankMicroBatches(
             self.num_samples, self.seed, self.samples_consumed, self.global_batch_size,
             self.rank, self.world_size, self.micro_batch_size,
         )
+
+    def _consumed_global_batch(self) -> None:
+        self.samples_consumed += self.global_batch_size
+
+    def batch_ids(self, position: int) -> list[int]:
+        """Dataset indices of the global batch that starts at stream position `position`."""
+        return global_sample_indices(position, self.global_batch_size, self.num_samples, self.seed).tolist()
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        sampler = self._sampler()
         loader = DataLoader(
             _BatchFetch(self.dataset),
             batch_size=None,  # the sampler already yields whole micro-batches
@@ -148,7 +158,7 @@ class ResumableLoader:
             if (i + 1) % self.accumulation_steps == 0:
                 # Count before handing out the last micro-batch: the caller steps the optimizer
                 # and checkpoints before asking for more.
-                self.samples_consumed += self.global_batch_size
+                self._consumed_global_batch()
             yield batch
 
     def state_dict(self) -> dict[str, Any]:

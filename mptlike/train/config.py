@@ -71,6 +71,16 @@ NonfinitePolicy = choices("NonfinitePolicy", ("stop", "skip", "rollback"))
 
 
 @dataclass
+class DataSourceConfig:
+    # One folder of a mixture (data=mixture), written by `mptlike-prep`; all sources share one tokenizer.
+    path: str = MISSING
+    name: Optional[str] = None  # in val/<name>/loss and samples.jsonl; default: the folder's basename
+    weight: Optional[float] = None  # relative share of the training samples (normalised); default 1
+    tokens: Optional[int] = None  # instead of weight: a token budget, the weights being the budgets' shares
+    epochs: Optional[float] = None  # at most this many passes over the source; null: no cap
+
+
+@dataclass
 class DataConfig:
     # A folder written by `mptlike-prep`. null means the default corpus (Python's standard library
     # docs and sources, BPE-tokenized) under $MPTLIKE_DATA (default ./data), prepared when missing.
@@ -80,6 +90,10 @@ class DataConfig:
     vocab_size: int = 8192  # BPE size of the default corpus; ignored for a user folder
     num_workers: int = 0
     verify: bool = False  # check every shard's sha256 before training
+    # A weighted mixture of folders instead of data.path (mptlike.data.mixture): sampled in proportion
+    # to the weights in every global batch. Resuming with other sources or weights starts a new phase.
+    # data=mixture sets null, which must then be given: [] (the schema's) means no mixture.
+    sources: Optional[List[DataSourceConfig]] = field(default_factory=list)
 
 
 @dataclass

@@ -74,3 +74,35 @@ def evaluate(
         dist.all_reduce(tokens)
     loss = (loss_sum / tokens).item()
     return {"val/loss": loss, "val/perplexity": math.exp(min(loss, 80.0))}
+
+
+def open_val_sources(sources, *, seq_len: int, with_sequence_id: bool) -> dict[str, TokenDataset] | None:
+    """The val split of every source of a mixture (data.sources) that has one, by source name; None if none has."""
+    out = {}
+    for source in sources:
+        val = open_val_split(source.path, seq_len=seq_len, with_sequence_id=with_sequence_id)
+        if val is not None:
+            out[source.name] = val
+    return out or None
+
+
+def evaluate_sources(model: nn.Module, datasets: dict[str, TokenDataset], *, max_samples: int, micro_batch_size: int,
+                     rank: int, world_size: int, device: torch.device) -> dict[str, float]:
+    """`evaluate` on each source's val split (its first max_samples sequences): val/<name>/loss and perplexity,
+    and val/loss over every scored token of all sources (each source weighs by the tokens it scored)."""
+    metrics: dict[str, float] = {}
+    loss_sum = tokens = 0.0
+    for name, dataset in datasets.items():
+        scored = evaluate(model, dataset, max_samples=max_samples, micro_batch_size=micro_batch_size, rank=rank,
+                          world_size=world_size, device=device)
+        if not scored:
+            continue
+        metrics[f"val/{name}/loss"] = scored["val/loss"]
+        metrics[f"val/{name}/perplexity"] = scored["val/perplexity"]
+        count = len(rank_indices(len(dataset), max_samples, 0, world_size)) * world_size * dataset.seq_len
+        loss_sum += scored["val/loss"] * count
+        tokens += count
+    if tokens:
+        loss = loss_sum / tokens
+        metrics = {"val/loss": loss, "val/perplexity": math.exp(min(loss, 80.0)), **metrics}
+    return metrics

@@ -26,14 +26,15 @@ import torch
 from torch import nn
 
 from mptlike.data import TokenDataset, build_loader
+from mptlike.data.mixture import build_mixture_loader
 from mptlike.model import MPTForCausalLM
 from mptlike.parallel import build_mesh, is_sharded, materialize, parallelize, resolve_init_mode
 from mptlike.train import faults
 from mptlike.train.checkpoint import Checkpointer, load_pretrained_weights
-from mptlike.train.evaluate import evaluate, open_val_split
+from mptlike.train.evaluate import evaluate, evaluate_sources, open_val_sources, open_val_split
 from mptlike.train.export import export_and_sample
 from mptlike.train.flops import peak_flops
-from mptlike.train.guard import Action, NonFiniteGuard, append_jsonl, batch_sample_ids, truncate_jsonl
+from mptlike.train.guard import Action, NonFiniteGuard, append_jsonl, truncate_jsonl
 from mptlike.train.layout import GUARD_EVENTS, SAMPLES_LOG
 from mptlike.train.loggers import build_loggers
 from mptlike.train.optim import build_optimizer
@@ -146,16 +147,22 @@ class Run:
                                          weight_decay=o.weight_decay, decay_params=str(o.decay_params),
                                          impl=str(o.impl), device_type=fabric.device.type)
         self.scheduler = LRScheduler(self.optimizer, plan.schedule, o.lr)
-        train_data = TokenDataset(plan.data.path, "train", seq_len=plan.model_config.max_seq_len,
-                                  with_sequence_id=plan.model_config.attn_uses_sequence_id)
-        self.loader = build_loader(train_data, global_batch_size=cfg.trainer.global_batch_size,
-                                   micro_batch_size=cfg.trainer.micro_batch_size, rank=self.rank, world_size=self.world,
-                                   seed=cfg.seed, num_workers=cfg.data.num_workers,
-                                   pin_memory=fabric.device.type == "cuda")
-        self.val_data = None
+        seq_len, with_sequence_id = plan.model_config.max_seq_len, plan.model_config.attn_uses_sequence_id
+        batching = dict(global_batch_size=cfg.trainer.global_batch_size, micro_batch_size=cfg.trainer.micro_batch_size,
+                        rank=self.rank, world_size=self.world, seed=cfg.seed, num_workers=cfg.data.num_workers,
+                        pin_memory=fabric.device.type == "cuda")
+        if plan.data.sources:  # data.sources: a weighted mixture (mptlike.data.mixture)
+            self.loader = build_mixture_loader(plan.data.sources, seq_len=seq_len, with_sequence_id=with_sequence_id,
+                                               **batching)
+        else:
+            train_data = TokenDataset(plan.data.path, "train", seq_len=seq_len, with_sequence_id=with_sequence_id)
+            self.loader = build_loader(train_data, **batching)
+        self.val_data: TokenDataset | dict[str, TokenDataset] | None = None
         if cfg.eval.every_n_steps or cfg.eval.at_end:
-            self.val_data = open_val_split(plan.data.path, seq_len=plan.model_config.max_seq_len,
-                                           with_sequence_id=plan.model_config.attn_uses_sequence_id)
+            if plan.data.sources:  # one val split per source: val/<source>/loss
+                self.val_data = open_val_sources(plan.data.sources, seq_len=seq_len, with_sequence_id=with_sequence_id)
+            else:
+                self.val_data = open_val_split(plan.data.path, seq_len=seq_len, with_sequence_id=with_sequence_id)
         self.tasks = None
         if cfg.eval.tasks:
             # lm-eval is imported only here: a run without eval.tasks never loads it.
@@ -207,9 +214,9 @@ class Run:
         log.info("resumed from %s at step %d (saved at world size %d)", path, self.progress.step,
                  state["world_size"])
 
-    def sample_ids(self, position: int) -> list[int]:
-        loader = self.loader
-        return batch_sample_ids(position, loader.global_batch_size, loader.num_samples, loader.seed)
+    def sample_ids(self, position: int) -> list[int] | list[str]:
+        """The global batch at `position`: sample indices, or "source:index" for a mixture."""
+        return self.loader.batch_ids(position)
 
     def skip_rolled_back_batches(self, batches) -> int:
         """Draw and drop the global batches a rollback passes over; returns the position this step reads."""
@@ -267,9 +274,10 @@ class Run:
             return
         cfg = self.cfg
         with self.meter.paused(), self.fabric.autocast():
-            metrics = evaluate(self.model, self.val_data, max_samples=cfg.eval.max_samples,
-                               micro_batch_size=cfg.trainer.micro_batch_size, rank=self.rank, world_size=self.world,
-                               device=self.fabric.device)
+            score = evaluate_sources if isinstance(self.val_data, dict) else evaluate
+            metrics = score(self.model, self.val_data, max_samples=cfg.eval.max_samples,
+                            micro_batch_size=cfg.trainer.micro_batch_size, rank=self.rank, world_size=self.world,
+                            device=self.fabric.device)
         if metrics:
             self.val = metrics
             self.loggers.log(metrics, self.progress.step)

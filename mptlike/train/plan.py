@@ -57,6 +57,8 @@ class DataPlan:
     is_default_corpus: bool
     needs_prepare: bool
     vocab_size: int | None  # of the tokenizer, when the folder exists
+    # data.sources validated (mptlike.data.mixture.SourceSpec); `path` is then the first source's folder
+    sources: list[Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,11 @@ def _check_batch(global_batch: int, micro_batch: int, world: WorldInfo) -> int:
 def check_data(cfg: TrainConfig, model: MPTConfig) -> DataPlan:
     from mptlike.data import Manifest, TokenDataset, check_compatible
 
+    if cfg.data.sources is None:
+        raise MptlikeError("data=mixture needs data.sources: give data.sources=[{path: DIR, weight: W}, ...] "
+                           "(or use data=folder data.path=DIR)")
+    if cfg.data.sources:
+        return check_mixture(cfg, model)
     if cfg.data.path is None:
         path = default_corpus_dir(cfg.data.vocab_size)
         if model.vocab_size < cfg.data.vocab_size:
@@ -169,6 +176,23 @@ def check_data(cfg: TrainConfig, model: MPTConfig) -> DataPlan:
     # Opening the train split checks shard sizes and that one sample of max_seq_len + 1 tokens fits.
     TokenDataset(path, split="train", seq_len=model.max_seq_len, verify=cfg.data.verify)
     return DataPlan(path, default, False, manifest.vocab_size)
+
+
+def check_mixture(cfg: TrainConfig, model: MPTConfig) -> DataPlan:
+    """data.sources: every folder exists, shares are valid, one tokenizer, each train split gives a sample."""
+    from mptlike.data import Manifest, TokenDataset, check_compatible
+    from mptlike.data.mixture import check_same_tokenizer, resolve_sources
+
+    if cfg.data.path is not None:
+        raise MptlikeError(f"data.path={cfg.data.path} and data.sources are both set: use data=mixture with "
+                           "data.sources, or data=folder with data.path")
+    specs = resolve_sources(cfg.data.sources)
+    manifests = [Manifest.load(s.path) for s in specs]
+    check_same_tokenizer(manifests, [s.name for s in specs])
+    check_compatible(manifests[0], model.vocab_size)
+    for s in specs:
+        TokenDataset(s.path, split="train", seq_len=model.max_seq_len, verify=cfg.data.verify)
+    return DataPlan(specs[0].path, False, False, manifests[0].vocab_size, sources=specs)
 
 
 # What must agree between init_from's config.json and the configured model for the weights to load.
@@ -296,8 +320,9 @@ def run_identity(cfg: TrainConfig, data_path: Path | None) -> dict[str, Any]:
     if data_path is not None and (Path(data_path) / "manifest.json").is_file():
         m = Manifest.load(data_path)
         shards = hashlib.sha256("".join(s.sha256 for s in m.shards.get("train", [])).encode()).hexdigest()
-        identity.update({"data.tokenizer": m.tokenizer, "data.vocab_size": m.vocab_size, "data.eos_id": m.eos_id,
-                         "data.train_tokens": m.num_tokens.get("train", 0), "data.train_shards_sha256": shards})
+        identity.update({"data.tokenizer": m.tokenizer, "data.vocab_size": m.vocab_size, "data.eos_id": m.eos_id})
+        if not cfg.data.sources:  # a mixture may change its sources at a resume (a new phase)
+            identity.update({"data.train_tokens": m.num_tokens.get("train", 0), "data.train_shards_sha256": shards})
     return identity
 
 
@@ -347,6 +372,9 @@ def check_run_dir_free(cfg: TrainConfig) -> None:
 def check_composer_plan(plan: RunPlan) -> None:
     """What the Composer backend cannot do, refused before anything is prepared or written."""
     world, cfg = plan.world, plan.cfg
+    if cfg.data.sources:
+        raise MptlikeError("data.sources (a mixture) with trainer.backend=composer: the Composer backend reads one "
+                           "folder; use data=folder data.path=DIR or trainer.backend=lightning")
     if plan.mesh.hsdp:
         raise MptlikeError(
             f"parallel.dp_replicate={plan.mesh.dp_replicate} (HSDP) with trainer.backend=composer: the Composer "
