@@ -3,28 +3,16 @@
 import json
 
 import pytest
+from train_helpers import assert_close_per_step as assert_close
 from train_helpers import losses, make_corpus, torchrun
-from train_helpers import tiny_args as base_args
+from train_helpers import sharded_args as tiny_args
 
 from mptlike.train.cli import main
-
-REL = 1e-4
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return make_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-def tiny_args(corpus, run_dir, *extra):
-    # Blocks 0 and 2, ... recompute activations: exercised here under FSDP2.
-    return base_args(corpus, run_dir, "parallel.activation_checkpointing=every_k", "parallel.ac_every=2", *extra)
-
-
-def assert_close(got, want):
-    assert sorted(got) == sorted(want)
-    for step in want:
-        assert got[step] == pytest.approx(want[step], rel=REL), (step, got[step], want[step])
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from train_helpers import assert_close_per_step as assert_close
 from train_helpers import losses, make_corpus, torchrun
-from train_helpers import tiny_args as base_args
+from train_helpers import sharded_args as tiny_args
 
 from mptlike.model import MPTConfig, MPTForCausalLM
 from mptlike.parallel import MeshPlan, ParallelPlan, build_mesh, materialize, parallelize, resolve_mesh
@@ -25,18 +26,6 @@ PROFILE = (2, 3)
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     return make_corpus(tmp_path_factory.mktemp("corpus"))
-
-
-def tiny_args(corpus, run_dir, *extra):
-    # Gradient accumulation (8 sequences = 4 ranks x micro-batch 2, or 4 micro-batches on one rank) and
-    # activation checkpointing on block 0, as the FSDP2 tests run them.
-    return base_args(corpus, run_dir, "parallel.activation_checkpointing=every_k", "parallel.ac_every=2", *extra)
-
-
-def assert_close(got, want):
-    assert sorted(got) == sorted(want)
-    for step in want:
-        assert got[step] == pytest.approx(want[step], rel=REL), (step, got[step], want[step])
 
 
 def after(metrics, step):

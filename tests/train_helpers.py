@@ -50,6 +50,20 @@ def tiny_args(corpus, run_dir, *extra):
     ]
 
 
+def sharded_args(corpus, run_dir, *extra):
+    """tiny_args with activation checkpointing on blocks 0, 2, ...: how the FSDP2 / HSDP tests run."""
+    return tiny_args(corpus, run_dir, "parallel.activation_checkpointing=every_k", "parallel.ac_every=2", *extra)
+
+
+def assert_close_per_step(got, want, rel=1e-4):
+    """Two {step: value} series over the same steps, equal within `rel`."""
+    import pytest
+
+    assert sorted(got) == sorted(want)
+    for step in want:
+        assert got[step] == pytest.approx(want[step], rel=rel), (step, got[step], want[step])
+
+
 def read_metrics(run_dir):
     with open(Path(run_dir) / "metrics.csv", newline="") as f:
         return {int(row["step"]): row for row in csv.DictReader(f)}

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-from mptlike.cli import add_verbose, pick_device, positive_int, run_command
+from mptlike.cli import add_verbose, int_at_least, pick_device, positive_int, run_command
 from mptlike.errors import MptlikeError
 from mptlike.integrations.checkpoint_io import TokenizerSource, load_checkpoint_tokenizer, read_checkpoint
 from mptlike.integrations.lm_eval_tasks import dataset_error, require_lm_eval, resolve_tasks
@@ -62,14 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{value} must be 0 or more")
-    return value
+non_negative_int = int_at_least(0)
 
 
 def limit_value(text: str) -> int | float:
