@@ -87,8 +87,10 @@ def _help_text(config_dir: Path | None = None) -> str:
         "",
         "keys users rely on: run_dir, seed, resume (auto|never|PATH), trainer.max_steps, trainer.devices,",
         "  trainer.num_nodes, trainer.precision, trainer.global_batch_size, trainer.micro_batch_size,",
-        "  model.max_seq_len, model.attn_impl, optim.lr, logger.mode, checkpoint.every_n_steps,",
-        "  checkpoint.keep_last, eval.every_n_steps. `--cfg` shows every key with its value.",
+        "  model.max_seq_len, model.attn_impl, optim.lr, optim.lr_timing, optim.decay_params, logger.mode,",
+        "  checkpoint.every_n_steps, checkpoint.keep_last, eval.every_n_steps, eval.tasks (lm-eval tasks),",
+        "  parallel.dp_replicate / parallel.dp_shard (HSDP), data.sources (data=mixture),",
+        "  debug.profile_steps. `--cfg` shows every key with its value.",
     ]
     return "\n".join(lines)
 
