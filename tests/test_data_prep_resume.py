@@ -11,6 +11,7 @@ import time
 
 import pytest
 
+from mptlike import faults
 from mptlike.data import prepare, units
 from mptlike.data.shards import ShardWriter
 
@@ -63,7 +64,7 @@ def _counts(text):
 def test_sigkill_mid_run_then_rerun_tokenizes_only_the_missing_units(tmp_path, monkeypatch, caplog):
     src = _corpus(tmp_path)
     out = tmp_path / "out"
-    env = {**os.environ, units.DELAY_ENV: "0.5"}  # each unit waits after its record: a kill lands mid-run
+    env = {**os.environ, faults.ENV: "prep_unit_delay_s=0.5"}  # each unit waits: a kill lands mid-run
     proc = subprocess.Popen(
         [sys.executable, "-c", _CHILD, str(src), str(out), str(UNIT_BYTES)],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
@@ -87,7 +88,7 @@ def test_sigkill_mid_run_then_rerun_tokenizes_only_the_missing_units(tmp_path, m
 
     caplog.set_level(logging.INFO)
     tokenized = _spy(monkeypatch)
-    monkeypatch.delenv(units.DELAY_ENV, raising=False)
+    monkeypatch.delenv(faults.ENV, raising=False)
     prepare([src], out, "bpe:300", workers=1, unit_bytes=UNIT_BYTES, val_fraction=0.1)
     assert "Reusing the bpe:300 trained by an interrupted run" in caplog.text
     assert _counts(caplog.text) == (total, total - len(done), len(done))

@@ -1,4 +1,4 @@
-"""An injected NaN loss (MPTLIKE_FAULTS, mptlike.train.faults) triggers each guard.nonfinite policy as
+"""An injected NaN loss (MPTLIKE_FAULTS, mptlike.faults) triggers each guard.nonfinite policy as
 documented (one process, tiny model)."""
 
 import json

@@ -3,7 +3,7 @@ on every rank, prints one line and exits 3; `resume=auto` then continues exactly
 uninterrupted run would be, with no sample trained twice.
 
 The signals are real: sent by the test from outside, or by the training process to itself through
-MPTLIKE_FAULTS (mptlike.train.faults) at a given step and rank, which reaches the same handler.
+MPTLIKE_FAULTS (mptlike.faults) at a given step and rank, which reaches the same handler.
 """
 
 import json

@@ -87,7 +87,7 @@ def torchrun_cmd(args, nproc=2):
 
 
 def torchrun_env(faults=""):
-    """The environment of a test run; `faults` goes to MPTLIKE_FAULTS (mptlike.train.faults)."""
+    """The environment of a test run; `faults` goes to MPTLIKE_FAULTS (mptlike.faults)."""
     return {**os.environ, "OMP_NUM_THREADS": "1", "MPTLIKE_FAULTS": faults}
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 
 import numpy as np
 
+from mptlike import faults
 from mptlike.data.corpus import open_parquet, read_documents
 from mptlike.data.manifest import dtype_for_vocab
 from mptlike.data.tokenizer import ByteTokenizer, HFTokenizer, Tokenizer
@@ -50,9 +51,6 @@ UNIT_FORMAT = 1
 MIN_UNIT_BYTES = 1 << 18
 MAX_UNIT_BYTES = 1 << 26
 TARGET_UNITS = 1024
-# Test hook: seconds each unit waits after its record is written, so a test can kill a run
-# part-way through at a known point. Never set in normal use.
-DELAY_ENV = "MPTLIKE_PREP_TEST_UNIT_DELAY"
 # Text per encode_batch call: many documents keep the tokenizers library's threads busy, and the cap
 # bounds the Python lists of ids it returns.
 _ENCODE_CHARS = 1 << 22
@@ -280,9 +278,9 @@ class _UnitFile:
             "sha256": self.hash.hexdigest(), "pid": os.getpid(),
         }
         atomic_write(self.rec_path, json.dumps(record) + "\n")
-        delay = os.environ.get(DELAY_ENV)
+        delay = faults.active().prep_unit_delay_s  # tests only: a kill lands part-way through a run
         if delay:
-            time.sleep(float(delay))
+            time.sleep(delay)
         return record
 
     def discard(self) -> None:

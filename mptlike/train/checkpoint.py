@@ -42,9 +42,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mptlike import faults
 from mptlike.errors import MptlikeError, short_error
 from mptlike.files import atomic_write, replace_dir
-from mptlike.train import faults
 from mptlike.train.layout import CHECKPOINTS
 
 log = logging.getLogger(__name__)

@@ -25,11 +25,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from mptlike import faults
 from mptlike.data import TokenDataset, build_loader
 from mptlike.data.mixture import build_mixture_loader
 from mptlike.model import MPTForCausalLM
 from mptlike.parallel import build_mesh, is_sharded, materialize, parallelize, resolve_init_mode
-from mptlike.train import faults
 from mptlike.train.checkpoint import Checkpointer, load_pretrained_weights
 from mptlike.train.evaluate import evaluate, evaluate_sources, open_val_sources, open_val_split
 from mptlike.train.export import export_and_sample

@@ -61,7 +61,7 @@ def composer_process(overrides: list[str], *, nproc: int = 1, faults: str | None
                      timeout: float = 240) -> subprocess.CompletedProcess:
     """`mptlike-train trainer.backend=composer` in processes of its own (torchrun for nproc > 1), one thread each.
 
-    `faults` goes to MPTLIKE_FAULTS (mptlike.train.faults). Runs compared bit for bit must all
+    `faults` goes to MPTLIKE_FAULTS (mptlike.faults). Runs compared bit for bit must all
     run this way: the thread count changes the order of floating-point reductions.
     """
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

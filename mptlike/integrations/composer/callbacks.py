@@ -30,11 +30,11 @@ from composer.core import Callback, Event, State
 from composer.loggers import Logger, LoggerDestination
 from composer.utils import dist
 
+from mptlike import faults
 from mptlike.data import ResumableLoader
 from mptlike.integrations.composer.checkpoints import RUN_INFO_CONFIG, RUN_INFO_VERSION
 from mptlike.integrations.composer.model import CE_METRIC
 from mptlike.model import MPTConfig
-from mptlike.train import faults
 from mptlike.train.guard import Action, NonFiniteGuard, append_jsonl, batch_sample_ids
 from mptlike.train.loggers import Loggers
 from mptlike.train.signals import Preemption

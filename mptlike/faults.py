@@ -10,6 +10,8 @@ point a test cannot reach from outside. Those points ask this module; users neve
     MPTLIKE_FAULTS="signal_at_step=3,signal=TERM,signal_rank=1"
                                                    as step 3 starts, that rank sends itself the signal
                                                    (signal_at_step=0: during setup, before step 1)
+    MPTLIKE_FAULTS="prep_unit_delay_s=0.5"         mptlike-prep waits after each finished work unit,
+                                                   so a test can kill it part-way (mptlike.data.units)
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ class Faults:
     signal_at_step: int = -1  # -1: never
     signal: str = "TERM"
     signal_rank: int = 0
+    prep_unit_delay_s: float = 0.0
 
     def poisons(self, position: int, global_batch_size: int) -> bool:
         """Whether the global batch at stream position `position` is the one `nan_at_step` names."""
