@@ -58,12 +58,18 @@ def corpus(tmp_path):
     return out
 
 
-def test_offline_wandb_run_dir_holds_the_config_tags_and_every_logged_metric(corpus, tmp_path, monkeypatch):
+@pytest.fixture()
+def offline_wandb(tmp_path, monkeypatch):
+    """W&B offline with its config, cache and data folders in tmp_path, and no key or run id inherited."""
     for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_RUN_ID"):
         monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
-    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    for var, folder in (("WANDB_CONFIG_DIR", "wandb-config"), ("WANDB_CACHE_DIR", "wandb-cache"),
+                        ("WANDB_DATA_DIR", "wandb-data")):
+        monkeypatch.setenv(var, str(tmp_path / folder))
     monkeypatch.setenv("WANDB_SILENT", "true")
+
+
+def test_offline_wandb_run_dir_holds_the_config_tags_and_every_logged_metric(corpus, tmp_path, offline_wandb):
     run_dir = tmp_path / "run"
     args = [
         "trainer=cpu", "model.d_model=64", "model.n_heads=4", "model.n_layers=2", "model.max_seq_len=32",
@@ -159,27 +165,27 @@ def test_wandb_mode_disabled_in_the_environment_writes_no_wandb_files(corpus, tm
     assert not (run_dir / "wandb").exists() and not (run_dir / "wandb_run_id").exists()
 
 
-def test_log_model_stores_the_exported_folder_as_a_wandb_model_artifact(corpus, tmp_path, monkeypatch):
+def _model_run(corpus, run_dir, *extra):
+    """A 1-layer model, exported to final/, logging to W&B offline."""
+    return main(["trainer=cpu", "model.d_model=32", "model.n_heads=4", "model.n_layers=1", "model.max_seq_len=16",
+                 "model.vocab_size=320", "data=folder", f"data.path={corpus}", "trainer.global_batch_size=2",
+                 "trainer.micro_batch_size=2", "trainer.progress_bar=false", "eval.every_n_steps=0",
+                 "eval.at_end=false", "checkpoint.every_n_steps=0", "sample.max_new_tokens=0", "logger=wandb",
+                 "logger.mode=offline", f"run_dir={run_dir}", *extra])
+
+
+def _artifacts(run_dir):
+    (wandb_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    return [r.artifact for r in wandb_records(wandb_file) if r.WhichOneof("record_type") == "artifact"]
+
+
+def test_log_model_stores_the_exported_folder_as_a_wandb_model_artifact(corpus, tmp_path, offline_wandb):
     import base64
     import hashlib
 
-    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_RUN_ID"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
-    monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
-    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
     run_dir = tmp_path / "run"
-    args = [
-        "trainer=cpu", "model.d_model=32", "model.n_heads=4", "model.n_layers=1", "model.max_seq_len=16",
-        "model.vocab_size=320", "data=folder", f"data.path={corpus}", "trainer.global_batch_size=2",
-        "trainer.micro_batch_size=2", "trainer.max_steps=2", "trainer.progress_bar=false", "eval.every_n_steps=0",
-        "eval.at_end=false", "checkpoint.every_n_steps=0", "sample.max_new_tokens=0", "logger=wandb",
-        "logger.mode=offline", "logger.log_model=true", f"run_dir={run_dir}",
-    ]
-    assert main(args) == 0
-    (wandb_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
-    artifacts = [r.artifact for r in wandb_records(wandb_file) if r.WhichOneof("record_type") == "artifact"]
+    assert _model_run(corpus, run_dir, "trainer.max_steps=2", "logger.log_model=true") == 0
+    artifacts = _artifacts(run_dir)
     assert len(artifacts) == 1
     artifact = artifacts[0]
     assert artifact.type == "model" and artifact.name.startswith("model-")
@@ -192,17 +198,8 @@ def test_log_model_stores_the_exported_folder_as_a_wandb_model_artifact(corpus, 
         assert entry.digest == base64.b64encode(hashlib.md5(exported[name].read_bytes()).digest()).decode(), name
 
 
-def test_without_log_model_no_artifact_is_logged(corpus, tmp_path, monkeypatch):
-    for var in ("WANDB_API_KEY", "WANDB_MODE", "WANDB_DIR", "WANDB_RUN_ID"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
-    monkeypatch.setenv("WANDB_SILENT", "true")
+def test_without_log_model_no_artifact_is_logged(corpus, tmp_path, offline_wandb):
     run_dir = tmp_path / "run"
-    assert main(["trainer=cpu", "model.d_model=32", "model.n_heads=4", "model.n_layers=1", "model.max_seq_len=16",
-                 "model.vocab_size=320", "data=folder", f"data.path={corpus}", "trainer.global_batch_size=2",
-                 "trainer.micro_batch_size=2", "trainer.max_steps=1", "trainer.progress_bar=false",
-                 "eval.every_n_steps=0", "eval.at_end=false", "checkpoint.every_n_steps=0", "sample.max_new_tokens=0",
-                 "logger=wandb", "logger.mode=offline", f"run_dir={run_dir}"]) == 0
-    (wandb_file,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    assert _model_run(corpus, run_dir, "trainer.max_steps=1") == 0
     assert (run_dir / "final" / "model.safetensors").is_file()
-    assert not [r for r in wandb_records(wandb_file) if r.WhichOneof("record_type") == "artifact"]
+    assert not _artifacts(run_dir)
