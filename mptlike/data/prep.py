@@ -68,6 +68,11 @@ EXECUTORS = ("local", "ray")
 _SHARD_FILE = re.compile(r"^(train|val)_\d{5}\.bin$")
 
 
+def default_corpus_dir(vocab_size: int) -> Path:
+    """Where the default corpus with a BPE of `vocab_size` is prepared: $MPTLIKE_DATA (else ./data)."""
+    return Path(os.environ.get("MPTLIKE_DATA") or "data") / f"stdlib-bpe{vocab_size}"
+
+
 def is_val_document(index: int, seed: int, fraction: float) -> bool:
     """Whether document `index` goes to the validation split: a keyed hash, stable across runs.
 

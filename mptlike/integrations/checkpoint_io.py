@@ -335,7 +335,7 @@ def _run_data_dir(run_dir: Path) -> Path | None:
         vocab = data.get("vocab_size")
         if not isinstance(vocab, int):
             return None
-        from mptlike.train.plan import default_corpus_dir
+        from mptlike.data.prep import default_corpus_dir
 
         raw = str(default_corpus_dir(vocab))
     path = Path(str(raw)).expanduser()

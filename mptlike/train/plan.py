@@ -94,10 +94,6 @@ class RunPlan:
         return self.cfg.trainer.global_batch_size * self.model_config.max_seq_len
 
 
-def default_corpus_dir(vocab_size: int) -> Path:
-    return Path(os.environ.get("MPTLIKE_DATA") or "data") / f"stdlib-bpe{vocab_size}"
-
-
 def _positive(key: str, value: int, *, zero_ok: bool = False) -> None:
     if value < 0 or (value == 0 and not zero_ok):
         raise MptlikeError(f"{key}={value} is invalid: use a {'non-negative' if zero_ok else 'positive'} integer")
@@ -154,6 +150,8 @@ def check_data(cfg: TrainConfig, model: MPTConfig) -> DataPlan:
     if cfg.data.sources:
         return check_mixture(cfg, model)
     if cfg.data.path is None:
+        from mptlike.data.prep import default_corpus_dir
+
         path = default_corpus_dir(cfg.data.vocab_size)
         if model.vocab_size < cfg.data.vocab_size:
             raise MptlikeError(
