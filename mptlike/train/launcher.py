@@ -182,7 +182,7 @@ def submit_sweep(name: str, settings: dict[str, Any], jobs: Sequence[Sequence[st
             result = job.results()  # one result per task of the job (one task per node)
             codes.append(max(int(r) for r in result))
         except Exception as exc:  # a job that died, was cancelled or timed out: submitit says which
-            print(f"mptlike-train: job {job.job_id} failed: {str(exc).strip().splitlines()[-1][:300]}",
-                  file=sys.stderr)
+            print(f"mptlike-train: job {job.job_id} failed: {str(exc).strip().splitlines()[-1][:300]}; its output "
+                  f"is in {job.paths.stdout}", file=sys.stderr)
             codes.append(1)
     return codes
