@@ -11,6 +11,12 @@ round, since a shared machine's neighbours slow some rounds down. The process po
 fork server that imports mptlike once per run) is timed on its own row, outside the --workers rows.
 The loader runs on a synthetic shard folder at seq 2048, micro batch 8, as one training process
 sees it; the bar to clear is 2M tokens/s per process, what a GPU training a 1B model consumes.
+
+The remote rows (--remote-tokens, skipped with --skip-remote; need moto[server] and s3fs) start
+moto's S3 server on localhost in a process of its own, upload synthetic folders to it, and time the
+same loader reading them through the shard cache: cold (every shard downloaded while the loader runs,
+the prefetcher ahead of it) and warm (all shards cached), for one folder and for a mixture of three,
+each next to the same data on local disk, with the ratio.
 """
 
 from __future__ import annotations
@@ -20,6 +26,9 @@ import itertools
 import os
 import platform
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -30,6 +39,8 @@ import torch
 from mptlike.data import TokenDataset, build_loader, prepare
 from mptlike.data.corpus import stdlib_files
 from mptlike.data.executors import local_cores
+from mptlike.data.mixture import build_mixture_loader, resolve_sources
+from mptlike.data.remote import RemoteSettings, upload_folder
 from mptlike.data.shards import write_token_folder
 from mptlike.data.tokenizer import train_bpe
 
@@ -151,6 +162,90 @@ def bench_loader(num_tokens: int, steps: int, work: Path) -> list[tuple[str, flo
     return rows
 
 
+def _synthetic(folder: Path, num_tokens: int, seed: int, shard_tokens: int) -> Path:
+    rng = np.random.default_rng(seed)
+    stream = rng.integers(0, 50277, size=num_tokens, dtype=np.int64)
+    stream[rng.integers(0, num_tokens, size=num_tokens // 1000)] = 0
+    return write_token_folder(folder, {"train": [stream]}, tokenizer="synthetic", vocab_size=50432, eos_id=0,
+                              shard_tokens=shard_tokens)
+
+
+def _time_loader(loader, steps: int) -> float:
+    """Tokens/s over `steps` micro-batches, the first one (start-up, the first download) included."""
+    t = time.perf_counter()
+    for _ in itertools.islice(iter(loader), steps):
+        pass
+    return steps * MICRO_BATCH * SEQ_LEN / (time.perf_counter() - t)
+
+
+class _MotoProcess:
+    """moto's S3 server in a process of its own on 127.0.0.1 (not a thread here: it would share our GIL)."""
+
+    def __init__(self) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.time() + 60
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or self.proc.poll() is not None:
+                    raise RuntimeError("moto's server did not start: pip install 'moto[server]' s3fs") from None
+                time.sleep(0.2)
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def bench_remote(num_tokens: int, steps: int, work: Path) -> list[tuple[str, float, float]]:
+    """(row, tokens/s, tokens/s over the local-disk row of the same data) for one folder and a 3-source mixture."""
+    import boto3
+
+    server = _MotoProcess()
+    os.environ.update(AWS_ACCESS_KEY_ID="bench", AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1",
+                      AWS_ENDPOINT_URL_S3=server.url)
+    try:
+        boto3.client("s3", endpoint_url=server.url).create_bucket(Bucket="bench")
+        shard = max(1 << 20, num_tokens // 8)  # 8 shards of the one folder
+        folders = {"one": _synthetic(work / "remote-one", num_tokens, 1, shard)}
+        for i, name in enumerate(("web", "code", "books")):  # a mixture as large as the folder, 4 shards a source
+            folders[name] = _synthetic(work / f"remote-{name}", num_tokens // 3, 10 + i, shard * 2 // 3)
+        settings = RemoteSettings(cache_dir=str(work / "cache"), prefetch_shards=4)
+        t = time.perf_counter()
+        size = 0
+        for name, folder in folders.items():
+            upload_folder(folder, f"s3://bench/{name}", TokenDataset(folder, seq_len=SEQ_LEN).manifest, settings)
+            size += sum(p.stat().st_size for p in folder.glob("*.bin"))
+        print(f"uploaded {size / 1e6:.0f} MB to moto in {time.perf_counter() - t:.1f} s")
+        kw = dict(global_batch_size=MICRO_BATCH * 4, micro_batch_size=MICRO_BATCH, rank=0, world_size=1, seed=0)
+        rows = []
+
+        def compare(label, make):
+            local = _time_loader(make(local=True), steps)
+            rows.append((f"{label}, local disk", local, 1.0))
+            shutil.rmtree(work / "cache", ignore_errors=True)
+            for state in ("S3 cold cache", "S3 warm cache"):
+                tps = _time_loader(make(local=False), steps)
+                rows.append((f"{label}, {state}", tps, tps / local))
+
+        compare("one folder", lambda local: build_loader(
+            TokenDataset(folders["one"] if local else "s3://bench/one", seq_len=SEQ_LEN, remote=settings), **kw))
+        weights = {"web": 5, "code": 3, "books": 2}
+        compare("mixture of 3 (5:3:2)", lambda local: build_mixture_loader(
+            resolve_sources([{"path": str(folders[n]) if local else f"s3://bench/{n}", "weight": w, "name": n}
+                             for n, w in weights.items()], settings),
+            seq_len=SEQ_LEN, with_sequence_id=False, **kw))
+        return rows
+    finally:
+        server.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--stdlib-mb", type=float, default=8.0, help="MB of stdlib text to prepare")
@@ -159,12 +254,17 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=300, help="micro-batches timed per loader setting")
     ap.add_argument("--repeat", type=int, default=5, help="rounds of the BPE encode comparison")
     ap.add_argument("--skip-loader", action="store_true", help="time prep only")
+    ap.add_argument("--remote-tokens", type=int, default=16_000_000,
+                    help="tokens of the folder (and of the mixture) read from the local S3 endpoint")
+    ap.add_argument("--skip-remote", action="store_true", help="no rows from the local S3 endpoint")
+    ap.add_argument("--skip-prep", action="store_true", help="time the loader only")
     args = ap.parse_args()
     print(f"machine: {_cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__}")
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        rows = bench_prep(args.stdlib_mb, args.bpe_vocab, work, args.repeat)
-        print(f"\n{'prep':<56} {'wall s':>8} {'cpu s':>8} {'MB/s text':>10} {'tokens/s':>12}")
+        rows = [] if args.skip_prep else bench_prep(args.stdlib_mb, args.bpe_vocab, work, args.repeat)
+        if rows:
+            print(f"\n{'prep':<56} {'wall s':>8} {'cpu s':>8} {'MB/s text':>10} {'tokens/s':>12}")
         for name, wall, cpu, mbs, tps in rows:
             tps_s = "-" if np.isnan(tps) else f"{tps:,.0f}"
             cpu_s = "-" if np.isnan(cpu) else f"{cpu:.2f}"
@@ -176,6 +276,12 @@ def main() -> None:
         for name, tps in bench_loader(args.loader_tokens, args.steps, work):
             verdict = "ok" if tps > TARGET_TOKENS_PER_S else "BELOW 2M TARGET"
             print(f"{name:<60} {tps:>14,.0f}  {verdict}")
+        if args.skip_remote:
+            return
+        rows = bench_remote(args.remote_tokens, args.steps, work)
+        print(f"\n{'loader from the local S3 endpoint (one process)':<60} {'tokens/s':>14} {'vs local':>9}")
+        for name, tps, ratio in rows:
+            print(f"{name:<60} {tps:>14,.0f} {ratio:>8.2f}x")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,10 @@
 A split is one token stream: its shards concatenated in manifest order, documents separated
 by EOS. Sample i is the window tokens[i*S : i*S + S + 1], so consecutive samples share one
 boundary token and every token except the first is a label exactly once per epoch.
+
+The folder may also be remote (s3://bucket/prefix, any fsspec URL) or the local view of one
+(mptlike.data.remote): the shards are then mapped from the shard cache, fetched when first read
+(mptlike.data.cache), and the loader's prefetcher asks `remote_shards` which ones come next.
 """
 
 from __future__ import annotations
@@ -10,13 +14,14 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from mptlike.data.cache import RemoteShard, RemoteShards, ShardCache
 from mptlike.data.manifest import Manifest, check_compatible
+from mptlike.data.remote import RemoteSettings, is_remote, local_path, open_remote, read_view
 from mptlike.errors import MptlikeError
 
 _HASH_CHUNK = 1 << 24
@@ -46,6 +51,8 @@ class TokenDataset(Dataset):
     Sizes of all shards are checked on construction; `verify=True` also hashes them against the
     manifest's sha256 (slow for large corpora). `expected_tokenizer` / `expected_vocab_size`
     make the dataset refuse data made with another tokenizer or a model too small for it.
+    `data_dir` may be a URL, opened with `remote` (default: RemoteSettings(), the environment's
+    cache folder); remote shards are verified as they are downloaded, so `verify` adds nothing there.
     """
 
     def __init__(
@@ -58,15 +65,20 @@ class TokenDataset(Dataset):
         *,
         expected_tokenizer: str | None = None,
         expected_vocab_size: int | None = None,
+        remote: RemoteSettings | None = None,
     ) -> None:
-        self.data_dir = Path(data_dir)
+        if is_remote(data_dir):
+            data_dir = open_remote(str(data_dir), remote)
+        self.data_dir = local_path(data_dir)
         self.manifest = Manifest.load(self.data_dir)
+        view = read_view(self.data_dir)
+        self.where = self.data_dir if view is None else view[0]  # what messages name: the folder or its URL
         check_compatible(self.manifest, expected_vocab_size, expected_tokenizer)
         if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
             raise MptlikeError(f"seq_len={seq_len!r} must be a positive integer.")
         if split not in self.manifest.shards:
             raise MptlikeError(
-                f"Data folder {self.data_dir} has no split {split!r} (it has "
+                f"Data folder {self.where} has no split {split!r} (it has "
                 f"{sorted(self.manifest.shards)}); use one of those."
             )
         self.split = split
@@ -76,7 +88,9 @@ class TokenDataset(Dataset):
         self._dtype = np.dtype(self.manifest.dtype).newbyteorder("<")
         self._shards = self.manifest.shards[split]
         self._paths = [self.data_dir / s.name for s in self._shards]
-        self._check_files(verify)
+        self._remote = None if view is None else RemoteShards(self.data_dir, *view, self.manifest, split)
+        if self._remote is None:
+            self._check_files(verify)
         sizes = np.array([s.num_tokens for s in self._shards], dtype=np.int64)
         # offsets[k] = position of shard k's first token in the split's stream.
         self._offsets = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
@@ -84,11 +98,24 @@ class TokenDataset(Dataset):
         self._len = max(0, (self.num_tokens - 1) // seq_len)
         if self._len == 0:
             raise MptlikeError(
-                f"Split {split!r} of {self.data_dir} has {self.num_tokens} tokens, fewer than "
+                f"Split {split!r} of {self.where} has {self.num_tokens} tokens, fewer than "
                 f"seq_len+1={seq_len + 1} needed for one sample; lower the sequence length "
                 "(model.max_seq_len) or prepare more text."
             )
-        self._maps: list[np.memmap] | None = None
+        self._maps: list[np.memmap] | RemoteShards | None = None
+
+    @property
+    def prefetch_depth(self) -> int:
+        """Shards the loader's prefetcher keeps ahead of it (0: a local folder, nothing to fetch)."""
+        return 0 if self._remote is None else self._remote.prefetch_depth
+
+    def remote_shards(self, indices: Sequence[int] | np.ndarray) -> list[tuple[ShardCache, RemoteShard]]:
+        """The remote shards these samples read, in the order they are first read; none for a local folder."""
+        if self._remote is None:
+            return []
+        starts = np.asarray(indices, dtype=np.int64).reshape(-1) * self.seq_len
+        ks = self._remote.shards_of(starts, self._offsets, self.seq_len + 1)
+        return [(self._remote.cache, self._remote.shards[k]) for k in ks]
 
     def _check_files(self, verify: bool) -> None:
         itemsize = self._dtype.itemsize
@@ -117,7 +144,9 @@ class TokenDataset(Dataset):
         state["_maps"] = None
         return state
 
-    def _open(self) -> list[np.memmap]:
+    def _open(self) -> list[np.memmap] | RemoteShards:
+        if self._maps is None and self._remote is not None:
+            self._maps = self._remote  # maps each shard when first read, from the cache
         if self._maps is None:
             # np.memmap refuses empty files, and an empty shard holds nothing to map.
             self._maps = [
@@ -149,7 +178,7 @@ class TokenDataset(Dataset):
         """(B, seq_len + 1) int64 token windows for the given sample indices."""
         idx = np.asarray(indices, dtype=np.int64).reshape(-1)
         if idx.size and (idx.min() < 0 or idx.max() >= self._len):
-            raise IndexError(f"sample index out of range [0, {self._len}) in {self.data_dir}")
+            raise IndexError(f"sample index out of range [0, {self._len}) in {self.where}")
         out = np.empty((idx.size, self.seq_len + 1), dtype=np.int64)
         for row, i in enumerate(idx.tolist()):
             self._fill(out[row], i * self.seq_len)
@@ -158,7 +187,7 @@ class TokenDataset(Dataset):
         if out.size and out.max() >= self.manifest.vocab_size:
             row = int(np.argmax(out.max(axis=1)))
             raise MptlikeError(
-                f"sample {int(idx[row])} of {self.data_dir} ({self.split}) holds token id {int(out[row].max())}, "
+                f"sample {int(idx[row])} of {self.where} ({self.split}) holds token id {int(out[row].max())}, "
                 f"beyond the tokenizer's {self.manifest.vocab_size} ids: a shard is damaged; find it with "
                 f"data.verify=true (checksums) and re-run mptlike-prep"
             )

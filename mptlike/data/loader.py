@@ -17,6 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from mptlike.data.cache import start_prefetch
 from mptlike.data.dataset import TokenDataset
 from mptlike.data.sampler import global_sample_indices
 from mptlike.errors import MptlikeError
@@ -154,12 +155,21 @@ class ResumableLoader:
             # run (or a rollback) would draw once more than the uninterrupted one and dropout would differ.
             generator=torch.Generator(),
         )
-        for i, batch in enumerate(loader):
-            if (i + 1) % self.accumulation_steps == 0:
-                # Count before handing out the last micro-batch: the caller steps the optimizer
-                # and checkpoints before asking for more.
-                self._consumed_global_batch()
-            yield batch
+        batches = iter(loader)  # worker processes start here: before the prefetch thread, not forked with it
+        # Remote shards: a thread pins the next data.prefetch_shards shards this rank reads (None when local).
+        prefetch = start_prefetch(self.dataset, iter(self._sampler()))
+        try:
+            for i, batch in enumerate(batches):
+                if prefetch is not None:
+                    prefetch.advance(i + 1)
+                if (i + 1) % self.accumulation_steps == 0:
+                    # Count before handing out the last micro-batch: the caller steps the optimizer
+                    # and checkpoints before asking for more.
+                    self._consumed_global_batch()
+                yield batch
+        finally:
+            if prefetch is not None:
+                prefetch.close()
 
     def state_dict(self) -> dict[str, Any]:
         return asdict(

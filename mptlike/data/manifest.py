@@ -66,8 +66,9 @@ class Manifest:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any], path: Path | None = None) -> Manifest:
-        where = path or "manifest"
+    def from_dict(cls, d: dict[str, Any], path: Path | None = None, where: str | None = None) -> Manifest:
+        """`where` names the manifest in error lines (default: `path`), e.g. the URL of a remote one."""
+        where = where or path or "manifest"
         version = d.get("format_version")
         if version != FORMAT_VERSION:
             raise MptlikeError(

@@ -51,6 +51,7 @@ from torch.utils.data import Sampler
 from mptlike.data.dataset import TokenDataset
 from mptlike.data.loader import ResumableLoader
 from mptlike.data.manifest import Manifest
+from mptlike.data.remote import RemoteSettings, is_remote, local_path, open_remote
 from mptlike.data.sampler import EpochPermutation, global_sample_indices, splitmix64
 from mptlike.errors import MptlikeError
 
@@ -76,8 +77,11 @@ def _key(source: Any, key: str) -> Any:
     return getattr(source, key, None)
 
 
-def resolve_sources(sources: Sequence[Any]) -> list[SourceSpec]:
-    """data.sources (dicts or DataSourceConfig) as SourceSpecs; one MptlikeError line per bad entry."""
+def resolve_sources(sources: Sequence[Any], remote: RemoteSettings | None = None) -> list[SourceSpec]:
+    """data.sources (dicts or DataSourceConfig) as SourceSpecs; one MptlikeError line per bad entry.
+
+    A source's path may be a URL (s3://bucket/prefix): its manifest is read here, with `remote`, and the
+    spec's path is its local view (mptlike.data.remote)."""
     if not sources:
         raise MptlikeError("data.sources is empty: give at least one {path: DIR, weight: W}")
     specs: list[SourceSpec] = []
@@ -96,15 +100,17 @@ def resolve_sources(sources: Sequence[Any]) -> list[SourceSpec]:
             raise MptlikeError(f"{where}.{key}={value} is invalid: use a non-negative number")
         if epochs is not None and (not isinstance(epochs, int | float) or not math.isfinite(epochs) or epochs <= 0):
             raise MptlikeError(f"{where}.epochs={epochs} is invalid: use a positive number of passes, or null (no cap)")
-        if not Path(path).is_dir():
+        name = _key(src, "name") or Path(os.path.normpath(str(path).rstrip("/"))).name
+        if is_remote(path):
+            path = open_remote(str(path), remote, key=f"{where}.path")
+        elif not local_path(path).is_dir():
             raise MptlikeError(f"{where}.path={path} does not exist: prepare it with `mptlike-prep INPUT... --out "
                                f"{path}`")
-        name = _key(src, "name") or Path(os.path.normpath(str(path))).name
         if not isinstance(name, str) or not name.strip() or "/" in name:
             raise MptlikeError(f"{where}.name={name!r} is invalid: use a non-empty name without '/'")
         if any(s.name == name for s in specs):
             raise MptlikeError(f"{where} is named {name!r} like another source: give one of them a distinct name:")
-        specs.append(SourceSpec(name, Path(path), float(value), None if epochs is None else float(epochs)))
+        specs.append(SourceSpec(name, local_path(path), float(value), None if epochs is None else float(epochs)))
     if len(kinds) > 1:
         raise MptlikeError("data.sources mixes weight and tokens: give every source a weight, or every one tokens")
     if not any(s.weight > 0 for s in specs):
@@ -304,6 +310,19 @@ class MixtureDataset(torch.utils.data.Dataset):
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
+
+    @property
+    def prefetch_depth(self) -> int:
+        return max(d.prefetch_depth for d in self.datasets)
+
+    def remote_shards(self, ids: Sequence[int] | np.ndarray) -> list:
+        """The remote shards these samples read (TokenDataset.remote_shards), source by source."""
+        ids = np.asarray(ids, dtype=np.int64).reshape(-1)
+        which = np.searchsorted(self.offsets, ids, side="right") - 1
+        out = []
+        for s in np.unique(which).tolist():
+            out += self.datasets[s].remote_shards(ids[which == s] - self.offsets[s])
+        return out
 
     def get_batch(self, ids: Sequence[int] | np.ndarray) -> dict[str, torch.Tensor]:
         ids = np.asarray(ids, dtype=np.int64).reshape(-1)

@@ -14,6 +14,12 @@ intact until the final renames, and its finished units in `.prep-work/`: a rerun
 inputs and tokenizer tokenizes only the units that were not finished. A run that fails on bad
 input removes `.prep-work/`. A rerun of a finished preparation with the same inputs and options
 does nothing.
+
+`--out s3://bucket/prefix` (any fsspec URL) prepares into a local staging folder under the cache
+(mptlike.data.remote.staging_dir), with all of the above, then uploads the shards and the tokenizer
+and writes the manifest last; the staging folder goes once the upload has finished. An interrupted
+upload resumes with what is not in the bucket yet; a rerun whose manifest is already in the bucket,
+from the same inputs and options, does nothing.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mptlike.data import units
+from mptlike.data import remote, units
 from mptlike.data.corpus import Document, expand_inputs, read_documents, stdlib_files, stdlib_root
 from mptlike.data.executors import InProcess, ProcessPool, RayExecutor, local_cores, ray_missing_error
 from mptlike.data.manifest import (
@@ -202,6 +208,7 @@ def prepare(
     executor: str = "local",
     ray_address: str | None = None,
     unit_bytes: int | None = None,
+    storage: remote.RemoteSettings | None = None,
 ) -> Manifest:
     """Tokenize the inputs into `out_dir` and return its manifest (a no-op when up to date).
 
@@ -212,6 +219,9 @@ def prepare(
     cluster's CPUs with Ray). `executor`: "local" or "ray" (`ray_address`: a cluster to join, else
     a local Ray is started). `unit_bytes`: input per work unit (default: 1/1024 of the input, 256 KiB
     to 64 MiB). None of these four changes the output, only how it is computed.
+
+    `out_dir` may be a URL (s3://bucket/prefix): `storage` then says where the staging folder is (its
+    cache_dir) and how to reach the bucket (storage_options, retries).
     """
     if not 0.0 <= val_fraction < 1.0:
         raise MptlikeError(f"--val-fraction {val_fraction} must lie in [0, 1); e.g. 0.01.")
@@ -231,7 +241,9 @@ def prepare(
     if unit_bytes is not None and unit_bytes < 1:
         raise MptlikeError(f"unit_bytes {unit_bytes} must be a positive number of bytes.")
     bpe_vocab = parse_bpe_spec(tokenizer)
-    out = Path(out_dir).expanduser()
+    url = str(out_dir).rstrip("/") if remote.is_remote(out_dir) else None
+    storage = storage or remote.RemoteSettings()
+    out = remote.staging_dir(url, storage) if url else remote.local_path(out_dir).expanduser()
     if out.exists() and not out.is_dir():
         raise MptlikeError(f"Output {out} exists and is not a folder; choose another --out.")
     if not inputs and not default_corpus:
@@ -249,10 +261,18 @@ def prepare(
         "shard_tokens": shard_tokens,
     }
     fingerprint = _fingerprint(options, train_files, val_files)
+    if url:
+        uploaded = remote.remote_manifest(url, storage)
+        if uploaded is not None and uploaded.fingerprint == fingerprint:
+            remote.remove_staging(out)
+            log.info("%s is already prepared from these inputs; nothing to do.", url)
+            return uploaded
     existing = _is_complete(out, fingerprint)
     store = units.UnitStore(out)
     if existing is not None:
         store.remove()  # left only by a run killed between its manifest and this cleanup
+        if url:  # prepared, not (all) uploaded: an interrupted upload
+            return _upload(out, url, existing, storage)
         log.info("%s is already prepared from these inputs; nothing to do.", out)
         return existing
 
@@ -326,6 +346,14 @@ def prepare(
             out.rmdir()
         raise
     store.remove()
+    return _upload(out, url, manifest, storage) if url else manifest
+
+
+def _upload(staging: Path, url: str, manifest: Manifest, storage: remote.RemoteSettings) -> Manifest:
+    """Upload a prepared staging folder to `url`, manifest last, then remove the staging folder."""
+    remote.upload_folder(staging, url, manifest, storage)
+    remote.remove_staging(staging)
+    manifest.path = None  # it lives at the URL now
     return manifest
 
 
@@ -497,7 +525,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("inputs", nargs="*", metavar="INPUT",
                    help="files or folders of .txt (one document per file), .jsonl, .parquet")
-    p.add_argument("--out", required=True, help="output folder for shards and manifest.json")
+    p.add_argument("--out", required=True,
+                   help="output folder for shards and manifest.json, or a URL (s3://bucket/prefix, any fsspec URL: "
+                        "prepared in a staging folder under --cache-dir, then uploaded, manifest last)")
+    p.add_argument("--cache-dir", default=None, metavar="DIR",
+                   help=f"with a URL --out: where to stage (default: ${remote.CACHE_ENV}, else ~/.cache/mptlike; "
+                        "with --executor ray on a cluster, a folder every node mounts); credentials and endpoint come "
+                        "from the environment (AWS_ACCESS_KEY_ID, AWS_ENDPOINT_URL, ...)")
     p.add_argument("--tokenizer", default=None,
                    help="bytes | bpe:VOCAB (trained on the inputs) | path or hub name of a "
                         "tokenizer.json (default with --default-corpus: "
@@ -546,6 +580,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             val_fraction=args.val_fraction, val_inputs=args.val,
             default_corpus=args.default_corpus, shard_tokens=args.shard_tokens, seed=args.seed,
             workers=workers, executor=args.executor, ray_address=args.ray_address,
+            storage=remote.RemoteSettings(cache_dir=args.cache_dir),
         )
     except MptlikeError as e:
         print(f"mptlike-prep: error: {' '.join(str(e).split())}", file=sys.stderr)
@@ -558,7 +593,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{s}: {m.num_tokens[s]:,} tokens in {m.num_documents[s]:,} documents"
         for s in SPLITS if s in m.num_tokens
     )
-    print(f"{m.data_dir}: {counts} ({m.tokenizer}, vocab {m.vocab_size}, {m.dtype})")
+    where = args.out if remote.is_remote(args.out) else m.data_dir
+    print(f"{where}: {counts} ({m.tokenizer}, vocab {m.vocab_size}, {m.dtype})")
     return 0
 
 

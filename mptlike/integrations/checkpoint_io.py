@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from mptlike.data.remote import is_remote, run_view
 from mptlike.errors import MptlikeError, short_error
 from mptlike.integrations import hf, hf_io
 from mptlike.integrations.composer.checkpoints import (
@@ -338,6 +339,8 @@ def _run_data_dir(run_dir: Path) -> Path | None:
         from mptlike.data.prep import default_corpus_dir
 
         raw = str(default_corpus_dir(vocab))
+    if is_remote(raw):  # s3://...: the local copy of its manifest and tokenizer (mptlike.data.remote)
+        return run_view(str(raw), data)
     path = Path(str(raw)).expanduser()
     # A relative data.path was relative to where training ran, typically two levels above run_dir.
     candidates = [path] if path.is_absolute() else [path, run_dir.parent.parent / path, run_dir.parent / path]

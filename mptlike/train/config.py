@@ -19,7 +19,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
@@ -94,6 +94,17 @@ class DataConfig:
     # to the weights in every global batch. Resuming with other sources or weights starts a new phase.
     # data=mixture sets null, which must then be given: [] (the schema's) means no mixture.
     sources: Optional[List[DataSourceConfig]] = field(default_factory=list)
+    # A path (or a source's path) may be a URL: s3://bucket/prefix, gs://..., any fsspec URL
+    # (mptlike.data.remote). Its shards are fetched on demand into this cache, shared by the ranks of a
+    # node; null: $MPTLIKE_CACHE, else ~/.cache/mptlike. Put it on a local disk (it is locked with flock).
+    cache_dir: Optional[str] = None
+    cache_max_gb: float = 50.0  # least recently used shards are evicted beyond this; 0: no bound
+    prefetch_shards: int = 4  # shards a background thread fetches ahead of the loader, per rank
+    remote_retries: int = 5  # attempts per request on a transient error (reset, timeout, HTTP 5xx)
+    remote_backoff_s: float = 1.0  # first wait between attempts; doubles each time, at most 30 s
+    # Passed to the fsspec file system, e.g. {endpoint_url: "http://minio:9000"} for s3 (credentials
+    # are better left to the environment: AWS_ACCESS_KEY_ID, AWS_PROFILE, ...).
+    storage_options: Dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -143,6 +143,7 @@ def _check_batch(global_batch: int, micro_batch: int, world: WorldInfo) -> int:
 
 def check_data(cfg: TrainConfig, model: MPTConfig) -> DataPlan:
     from mptlike.data import Manifest, TokenDataset, check_compatible
+    from mptlike.data.remote import RemoteSettings, is_remote, open_remote
 
     if cfg.data.sources is None:
         raise MptlikeError("data=mixture needs data.sources: give data.sources=[{path: DIR, weight: W}, ...] "
@@ -161,6 +162,9 @@ def check_data(cfg: TrainConfig, model: MPTConfig) -> DataPlan:
         if not (path / "manifest.json").is_file():
             return DataPlan(path, True, True, None)
         default = True
+    elif is_remote(cfg.data.path):  # s3://, gs://, ...: its local view (manifest, tokenizer; shards on demand)
+        path = open_remote(cfg.data.path, RemoteSettings.from_config(cfg.data))
+        default = False
     else:
         path = Path(cfg.data.path)
         default = False
@@ -180,11 +184,12 @@ def check_mixture(cfg: TrainConfig, model: MPTConfig) -> DataPlan:
     """data.sources: every folder exists, shares are valid, one tokenizer, each train split gives a sample."""
     from mptlike.data import Manifest, TokenDataset, check_compatible
     from mptlike.data.mixture import check_same_tokenizer, resolve_sources
+    from mptlike.data.remote import RemoteSettings
 
     if cfg.data.path is not None:
         raise MptlikeError(f"data.path={cfg.data.path} and data.sources are both set: use data=mixture with "
                            "data.sources, or data=folder with data.path")
-    specs = resolve_sources(cfg.data.sources)
+    specs = resolve_sources(cfg.data.sources, RemoteSettings.from_config(cfg.data))
     manifests = [Manifest.load(s.path) for s in specs]
     check_same_tokenizer(manifests, [s.name for s in specs])
     check_compatible(manifests[0], model.vocab_size)
