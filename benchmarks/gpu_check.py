@@ -4,6 +4,7 @@
     python benchmarks/gpu_check.py --out DIR         # the same
     python benchmarks/gpu_check.py --cpu --out DIR   # tiny shapes on CPU, CUDA-only stages skipped
     python benchmarks/gpu_check.py --only matmul throughput_mpt1b   # rerun some stages
+    python benchmarks/gpu_check.py --only env float8                # float8 against bf16 (not in the default run)
 
 Stages, each in its own process with its own time limit (a hang or a crash costs that stage only;
 the limits add up to the budget, 9 minutes less 10 s, and a stage never gets more than the time left):
@@ -18,6 +19,12 @@ the limits add up to the budget, 9 minutes less 10 s, and a stage never gets mor
     gpu_tests           pytest -m gpu over the test files that hold GPU tests, but the training ones
     gpu_train_tests     pytest -m gpu over tests/test_train_gpu.py (compiled bf16 training runs)
     memory              the memory estimate against max_memory_allocated (benchmarks/memory_check.py)
+
+One more stage runs only when named with --only, since the ones above fill the budget:
+
+    float8              mpt-1b trained with float8 (torchao, tensorwise and rowwise) against bf16: tokens/s, MFU
+                        and a 24-step loss curve each (benchmarks/float8_check.py); needs sm89+ and torchao,
+                        carried in .whl/ (benchmarks/gpu_wheels.sh)
 
 Out: summary.md (tables ready to paste into benchmarks/RESULTS.md, with the GPU, torch version,
 date and command), gpu_check.json (every stage's status, time and numbers) and gpu_check.log
@@ -152,6 +159,19 @@ STAGES = [
 ]
 
 
+def _float8(on_gpu: bool, out: Path) -> list[str] | str:
+    if not on_gpu:
+        return "needs CUDA (float8 matmuls need compute capability 8.9+; benchmarks/float8_check.py --cpu runs tiny)"
+    # The script itself skips, with the reason in its JSON, below sm89 or without torchao.
+    return _py(str(BENCH / "float8_check.py"), "--time-budget-s", "75", "--out", str(out))
+
+
+# Stages outside the budget above (it is full): run only when --only names them.
+OPT_IN_STAGES = [
+    Stage("float8", 90, _float8),
+]
+
+
 # ---------------------------------------------------------------------------------------------
 # the two stages that live here
 
@@ -280,7 +300,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=None, help="output folder (default: $OUT, else runs/gpu-check)")
     parser.add_argument("--cpu", action="store_true", help="tiny shapes on CPU; stages that need CUDA are skipped")
-    parser.add_argument("--only", nargs="+", choices=[s.name for s in STAGES], help="run only these stages")
+    parser.add_argument("--only", nargs="+", choices=[s.name for s in [*STAGES, *OPT_IN_STAGES]],
+                        help="run only these stages (the only way to run float8)")
     parser.add_argument("--budget-s", type=float, default=BUDGET_S, help="wall-time budget for all stages")
     parser.add_argument("--stage", choices=["env", "matmul"], help=argparse.SUPPRESS)
     parser.add_argument("--stage-out", type=Path, help=argparse.SUPPRESS)
@@ -307,8 +328,8 @@ def main(argv: list[str] | None = None) -> int:
         note = carried_wheels(env, Path(tmp)) if on_gpu else ""
         if note:
             log.write(note + "\n")
-        for stage in STAGES:
-            if args.only and stage.name not in args.only:
+        for stage in [*STAGES, *OPT_IN_STAGES]:
+            if stage.name not in (args.only or [s.name for s in STAGES]):
                 continue
             left = args.budget_s - (time.monotonic() - started)
             results.append(run_stage(stage, on_gpu, Path(tmp), env, left, log))

@@ -104,6 +104,26 @@ def _throughput(stages: dict[str, dict]) -> list[str]:
             *_table(header, rows)]
 
 
+def _float8(stages: dict[str, dict]) -> list[str]:
+    data = _data(stages, "float8")
+    if not data:
+        return []
+    title = "### float8 training against bf16 (benchmarks/float8_check.py; torchao)"
+    if "skipped" in data:
+        return ["", title, "", f"- skipped: {data['skipped']}"]
+    rows = [[r["variant"], f"{r['float8_layers']}", f"{r['step_seconds_median'] * 1e3:.1f}",
+             f"{r['tokens_per_sec']:,.0f}", f"{r['tflops']:.1f}",
+             _fmt(None if r["mfu_vs_bf16_peak"] is None else 100 * r["mfu_vs_bf16_peak"], ".1f"),
+             _fmt(r.get("speedup_vs_bf16"), ".2f"), f"{r['losses'][0]:.3f} -> {r['losses'][-1]:.3f}",
+             _fmt(r.get("max_rel_loss_diff_vs_bf16"), ".2%"), _fmt(r.get("peak_memory_gib"), ".1f")]
+            for r in data["rows"]]
+    header = ["variant", "float8 layers", "step ms", "tokens/s", "TFLOP/s", "MFU % (bf16 peak)", "x bf16",
+              f"loss, {data['steps']} steps", "max loss diff vs bf16", "peak GiB"]
+    what = (f"{data['preset']} ({data['n_layers']} layers), {data['micro_batch']} x {data['seq']}, compile="
+            f"{data['compile']}, torch {data['torch']}, torchao {data['torchao']}, {data['device_name']}")
+    return ["", title, "", what, "", *_table(header, rows), *(f"- {note}" for note in data["skipped_variants"])]
+
+
 def _memory(stages: dict[str, dict]) -> list[str]:
     data = _data(stages, "memory")
     if not data:
@@ -153,7 +173,8 @@ def write_summary(path: Path, payload: dict) -> None:
     stages = _stages(payload)
     timings, fwd_bwd = _attention_timings(stages)
     lines = [*_environment(payload, stages), *_stage_table(payload), *_attention_check(stages), *timings,
-             *_throughput(stages), *_memory(stages), *_tests(stages), *_targets(payload, stages, fwd_bwd)]
+             *_throughput(stages), *_float8(stages), *_memory(stages), *_tests(stages),
+             *_targets(payload, stages, fwd_bwd)]
     skipped = [s for s in payload["stages"] if s["status"] == "skipped"]
     if skipped:
         lines += ["", "Skipped:", *(f"- {s['name']}: {s['reason']}" for s in skipped)]

@@ -75,3 +75,21 @@ def test_a_stage_gets_no_more_than_the_time_left_in_the_budget(tmp_path, monkeyp
     stages = {s["name"]: s for s in json.loads((tmp_path / "gpu_check.json").read_text())["stages"]}
     assert stages["slow"]["status"] == "timeout" and stages["slow"]["timeout_s"] <= 4
     assert stages["late"]["status"] == "skipped" and "budget" in stages["late"]["reason"]
+
+
+def test_the_float8_stage_runs_only_when_named_and_its_table_reaches_the_summary(tmp_path, monkeypatch):
+    pytest.importorskip("torchao.float8", reason="needs torchao (pip install 'mptlike[float8]')")
+    assert "float8" not in STAGE_NAMES and [s.name for s in gpu_check.OPT_IN_STAGES] == ["float8"]
+    assert "needs CUDA" in gpu_check.OPT_IN_STAGES[0].command(False, tmp_path / "float8.json")
+    # Its script in CPU mode (tiny shapes, torch's CPU float8 matmul) stands in for the GPU command.
+    monkeypatch.setattr(gpu_check, "OPT_IN_STAGES", [gpu_check.Stage("float8", 60, lambda gpu, out: [
+        sys.executable, str(ROOT / "benchmarks" / "float8_check.py"), "--cpu", "--out", str(out)])])
+    assert gpu_check.main(["--cpu", "--out", str(tmp_path), "--only", "float8"]) == 0
+    stages = json.loads((tmp_path / "gpu_check.json").read_text())["stages"]
+    assert [s["name"] for s in stages] == ["float8"] and stages[0]["status"] == "ok"
+    rows = {r["variant"]: r for r in stages[0]["data"]["rows"]}
+    assert list(rows) == ["bf16", "tensorwise", "rowwise"]
+    assert rows["bf16"]["float8_layers"] == 0 and rows["tensorwise"]["float8_layers"] == 8
+    assert 0 < rows["rowwise"]["max_rel_loss_diff_vs_bf16"] < 0.05
+    summary = (tmp_path / "summary.md").read_text()
+    assert "### float8 training against bf16" in summary and "| tensorwise | 8 |" in summary

@@ -1,8 +1,8 @@
 """The MPT decoder, in the order data flows through it.
 
 Pre-LN blocks with ALiBi attention, no biases, low-precision LayerNorm and logits through the tied
-token embedding. The model never knows how it is parallelized: FSDP2, activation checkpointing and
-torch.compile are applied from outside (mptlike.parallel) to `transformer.blocks`.
+token embedding. The model never knows how it is parallelized: tensor parallelism, FSDP2, activation
+checkpointing and torch.compile are applied from outside (mptlike.parallel) to `transformer.blocks`.
 """
 
 from __future__ import annotations
@@ -69,7 +69,6 @@ class MPTAttention(nn.Module):
         self.cfg = cfg
         kv_dim = cfg.kv_n_heads * cfg.head_dim
         self.Wqkv = Linear(cfg.d_model, cfg.d_model + 2 * kv_dim, bias=not cfg.no_bias)
-        self.split_sizes = (cfg.d_model, kv_dim, kv_dim)
         if cfg.qk_ln:
             self.q_ln = LPLayerNorm(cfg.d_model, eps=cfg.norm_eps, bias=not cfg.no_bias)
             self.k_ln = LPLayerNorm(kv_dim, eps=cfg.norm_eps, bias=not cfg.no_bias)
@@ -89,14 +88,17 @@ class MPTAttention(nn.Module):
         qkv = self.Wqkv(x)
         if cfg.clip_qkv is not None:
             qkv = qkv.clamp(-cfg.clip_qkv, cfg.clip_qkv)
-        q, k, v = qkv.split(self.split_sizes, dim=-1)
+        # Widths from the output, not the config: under tensor parallelism (mptlike.parallel.tensor_parallel)
+        # a rank's qkv holds only its own heads, q, k and v in the same n_heads : kv_n_heads proportion.
+        kv_width = qkv.shape[-1] * cfg.kv_n_heads // (cfg.n_heads + 2 * cfg.kv_n_heads)
+        q, k, v = qkv.split((qkv.shape[-1] - 2 * kv_width, kv_width, kv_width), dim=-1)
         if cfg.qk_ln:
             # The norms run in the autocast dtype; cast back so q, k, v share one dtype.
             q, k = self.q_ln(q).to(v.dtype), self.k_ln(k).to(v.dtype)
         batch, seq = x.shape[:2]
-        q = q.view(batch, seq, cfg.n_heads, cfg.head_dim)
-        k = k.view(batch, seq, cfg.kv_n_heads, cfg.head_dim)
-        v = v.view(batch, seq, cfg.kv_n_heads, cfg.head_dim)
+        q = q.view(batch, seq, -1, cfg.head_dim)
+        k = k.view(batch, seq, -1, cfg.head_dim)
+        v = v.view(batch, seq, -1, cfg.head_dim)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=1), torch.cat([past[1], v], dim=1)
         out = attention(
@@ -111,7 +113,7 @@ class MPTAttention(nn.Module):
         )
         # k and v are views of this layer's whole qkv projection: returned only for a KV cache, else
         # every layer's projection would stay alive until the loss (even with activation checkpointing).
-        return self.out_proj(out.reshape(batch, seq, cfg.d_model)), (k, v) if use_cache else None
+        return self.out_proj(out.reshape(batch, seq, -1)), (k, v) if use_cache else None
 
 
 class MPTMLP(nn.Module):

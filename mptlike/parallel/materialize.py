@@ -10,6 +10,8 @@ Two ways, chosen by `init`:
            full-tensor draw at its positions (kernels draw per thread, and the launch depends on
            the tensor's size). On CPU there is no such tracker: every rank, seeded alike, draws its
            shard from the start of the same stream, so the shards of one tensor repeat each other.
+           Under tensor parallelism the weights a group shares (embeddings, norms) are then
+           broadcast from its first rank, so they are equal within the group whatever was drawn.
   rank0    rank 0 builds and initializes the full model on CPU, then broadcasts it into the shards.
            The weights are then the same at every world size (what the CPU tests compare), at the
            price of one full copy in rank 0's memory: fine for small models only.
@@ -24,6 +26,7 @@ import torch.distributed as dist
 from torch import nn
 
 from mptlike.errors import MptlikeError
+from mptlike.parallel.tensor_parallel import full_state_to_tp_order, replicate_over_tp, tensor_parallel_mesh
 
 INIT_MODES = ("auto", "sharded", "rank0")
 
@@ -61,7 +64,12 @@ def materialize(
     """
     model.to_empty(device=device)
     _init_in_place(model, seed)
-    if init != "rank0" or not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    if init != "rank0":
+        tp_mesh = tensor_parallel_mesh(model)
+        if tp_mesh is not None:
+            replicate_over_tp(model, tp_mesh)  # the weights a tensor-parallel group shares start equal
         return
     if build_full is None:
         raise ValueError("init='rank0' needs build_full to construct the unsharded model")
@@ -72,6 +80,6 @@ def materialize(
         full = build_full()
         full.to_empty(device="cpu")
         _init_in_place(full, seed)
-        full_state = full.state_dict()
+        full_state = full_state_to_tp_order(model, full.state_dict())
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
     set_model_state_dict(model, full_state, options=options)

@@ -87,42 +87,58 @@ def _attention_class(cfg: MPTConfig, device: str) -> str:
     return "flash" if cfg.attn_impl in _FLASH_CLASS else cfg.attn_impl
 
 
-def _block_activation_bytes(cfg: MPTConfig, batch: int, seq: int, c: int, attn: str) -> float:
+def _block_activation_bytes(cfg: MPTConfig, batch: int, seq: int, c: int, attn: str, tp: int = 1) -> float:
     """What one block's forward saves for its backward when it is not checkpointed.
 
     Per token, in the compute dtype: the two norms' inputs and outputs (4 d), the fused qkv
     (d + 2 kv), the attention output (d), the MLP's up projection and its GELU (2 ffn); plus the
-    attention backend's own state.
+    attention backend's own state. Under tensor parallelism (tp > 1) a rank keeps 1/tp of the
+    tokens of the norms and of the heads and MLP columns, but the attention's and the MLP's inputs
+    whole: they are all-gathered over the sequence and the column-wise layers save them.
     """
     d, tokens = cfg.d_model, batch * seq
     kv = cfg.kv_n_heads * cfg.head_dim
-    per_token = 5 * d + (d + 2 * kv) + 2 * cfg.ffn_hidden_size
-    if cfg.qk_ln:
+    per_token = 2 * d + (3 * d + (d + 2 * kv) + 2 * cfg.ffn_hidden_size) / tp
+    if cfg.qk_ln:  # refused with tp > 1 (mptlike.parallel.tensor_parallel)
         per_token += d + kv
     if cfg.clip_qkv is not None:
-        per_token += d + 2 * kv
-    total = tokens * c * per_token + 2 * 2 * tokens * FP32  # + the norms' mean and rstd
+        per_token += (d + 2 * kv) / tp
+    total = tokens * c * per_token + 2 * 2 * tokens * FP32 / tp  # + the norms' mean and rstd
     if cfg.resid_pdrop > 0:
-        total += 2 * tokens * d  # boolean masks
+        total += 2 * tokens * d / tp  # boolean masks
     grouped = cfg.kv_n_heads != cfg.n_heads
     masked = cfg.alibi or cfg.attn_uses_sequence_id
     rows = batch if cfg.attn_uses_sequence_id else 1
-    square = cfg.n_heads * seq * seq
+    heads = cfg.n_heads / tp
+    square = heads * seq * seq
     if attn == "flash":
-        total += tokens * cfg.n_heads * FP32  # log-sum-exp
+        total += tokens * heads * FP32  # log-sum-exp
     elif attn == "sdpa":
-        total += tokens * cfg.n_heads * FP32
+        total += tokens * heads * FP32
         if cfg.attn_uses_sequence_id:
             # Each layer's own mask: the shared ALiBi bias merged with the documents (B, H, S, S),
             # or without ALiBi a boolean (B, 1, S, S).
             total += batch * square * c if cfg.alibi else batch * seq * seq
         if masked and grouped:
-            total += 2 * tokens * d * c  # with a mask, grouped kv heads are repeated to full width
+            total += 2 * tokens * d * c / tp  # with a mask, grouped kv heads are repeated to full width
     else:  # the fp32 reference: probabilities, the mask, fp32 copies of q, k, v
         total += batch * square * FP32 + rows * seq * seq
-        total += tokens * (d + 2 * kv) * FP32 if c != FP32 else 0
-        total += 2 * tokens * d * c if grouped else 0
+        total += tokens * (d + 2 * kv) * FP32 / tp if c != FP32 else 0
+        total += 2 * tokens * d * c / tp if grouped else 0
     return total
+
+
+# The parameters of a block that tensor parallelism splits over its ranks (the rest, norms and the
+# row-wise layers' biases, every rank holds whole).
+_TP_SPLIT = ("attn.Wqkv.weight", "attn.Wqkv.bias", "attn.out_proj.weight", "ffn.up_proj.weight", "ffn.up_proj.bias",
+             "ffn.down_proj.weight")
+
+
+def block_parameters_per_rank(cfg: MPTConfig, tp: int = 1) -> float:
+    """The parameters of one block that a rank holds under tensor parallelism over `tp` ranks (before FSDP2)."""
+    with torch.device("meta"):
+        block = MPTForCausalLM(cfg).transformer.blocks[0]
+    return sum(p.numel() / (tp if name in _TP_SPLIT else 1) for name, p in block.named_parameters())
 
 
 def _loss_scratch(tokens: int, vocab: int, c: int) -> tuple[float, float]:
@@ -164,12 +180,15 @@ def estimate_training_memory(
     optimizer_impl: str = "auto",
     device: str = "cuda",
     seq_len: int | None = None,
+    tp: int = 1,
 ) -> MemoryEstimate:
     """Per-rank peak of one optimizer step: `accumulation_steps` forward/backward passes of
     `micro_batch` x `seq_len` tokens, gradient clipping and the optimizer step.
 
     `precision` and `parallel` are the plans training resolves; `world_size > 1` means FSDP2 full
-    sharding over that many ranks (parameters, gradients and optimizer state divided among them).
+    sharding over that many ranks (parameters, gradients and optimizer state divided among them);
+    `tp > 1` tensor parallelism over that many more (the blocks' matrices and activations split,
+    the embeddings and the logits whole on each).
     """
     seq = seq_len or cfg.max_seq_len
     tokens, d, vocab, n_layers = micro_batch * seq, cfg.d_model, cfg.vocab_size, cfg.n_layers
@@ -178,9 +197,12 @@ def estimate_training_memory(
     n_params = model.num_params()
     n_block = sum(p.numel() for p in model.transformer.blocks[0].parameters())
     n_root = n_params - n_layers * n_block  # embeddings, final norm, untied head
+    if tp > 1:  # from here on, what this rank's tensor-parallel share holds
+        n_block = block_parameters_per_rank(cfg, tp)
+        n_params = n_root + n_layers * n_block
     largest = max(p.numel() for p in model.parameters())
-    sharded = world_size > 1
-    world = world_size if sharded else 1
+    sharded = world_size > 1 or tp > 1  # tensor parallelism always runs under FSDP2 (mptlike.parallel.parallelize)
+    world = world_size
 
     # The compute dtype c, in which every activation (the residual stream included) is kept. Sharded:
     # FSDP2 gathers parameters in param_dtype and there is no autocast. One device: autocast computes
@@ -194,18 +216,19 @@ def estimate_training_memory(
         c = 2 if autocast else FP32
     attn = _attention_class(cfg, device)
     # sdpa's causal ALiBi mask is built once per forward and shared (and saved) by every layer.
-    shared_bias = cfg.n_heads * seq * seq * c if attn == "sdpa" and cfg.alibi else 0.0
+    shared_bias = cfg.n_heads / tp * seq * seq * c if attn == "sdpa" and cfg.alibi else 0.0
 
     def checkpointed(i: int) -> bool:
         return parallel.ac_mode == "full" or (parallel.ac_mode == "every_k" and i % parallel.ac_every == 0)
 
-    full = _block_activation_bytes(cfg, micro_batch, seq, c, attn)
-    kept_input = tokens * d * c  # all a checkpointed block keeps: its input
+    full = _block_activation_bytes(cfg, micro_batch, seq, c, attn, tp)
+    kept_input = tokens * d * c / tp  # all a checkpointed block keeps: its input (a sequence shard under tp)
+    gathered_input = tokens * d * c if tp > 1 else 0.0  # a block input all-gathered over the sequence
 
     def saved_blocks(n: int) -> float:
         return shared_bias + sum(kept_input if checkpointed(i) else full for i in range(n))
 
-    head_saved = 2 * tokens * d * c + 2 * tokens * FP32  # final norm's input and output
+    head_saved = tokens * d * c * (1 + 1 / tp) + 2 * tokens * FP32 / tp  # final norm's input and (gathered) output
     logits = tokens * vocab * c
     loss_fwd, loss_bwd = _loss_scratch(tokens, vocab, c)
     if cfg.logit_scale is not None:
@@ -214,11 +237,11 @@ def estimate_training_memory(
     kv = cfg.kv_n_heads * cfg.head_dim
     # Inside a block's backward: the residual stream's gradient and the gradient of the widest
     # activation (the MLP's hidden one, or the fused q/k/v), next to everything the block saved.
-    grad_flow = tokens * c * (d + max(ffn, d + 2 * kv))
+    grad_flow = tokens * c * (d / tp + max(ffn / tp, (d + 2 * kv) / tp)) + gathered_input
     if checkpointed(n_layers - 1):
         # Running, a checkpointed block saves nothing but holds its input, the residual after
         # attention and, for a moment, the MLP's hidden activation before and after the GELU.
-        last_forward = saved_blocks(n_layers) + tokens * c * (2 * ffn + 2 * d)
+        last_forward = saved_blocks(n_layers) + tokens * c * (2 * ffn + 2 * d) / tp + gathered_input
     else:
         last_forward = saved_blocks(n_layers - 1) + full
 
@@ -280,15 +303,17 @@ def estimate_training_memory(
     peak_phase = max(phases, key=lambda name: phases[name].total)
 
     facts = {
-        "world_size": str(world_size),
+        "world_size": str(world_size) if tp == 1 else f"{world_size * tp} per copy ({world_size} FSDP2 x {tp} tp)",
         "micro_batch_size": str(micro_batch),
         "seq_len": str(seq),
         "accumulation_steps": str(accumulation_steps),
-        "parameters": str(n_params),
+        "parameters": str(model.num_params()),
         "precision": precision.name + (" (autocast over fp32 weights)" if autocast else ""),
         "sharding": "none (one device)" if not sharded else (
             f"fsdp2 over {world_size} ranks, gradients "
             + ("unsharded until the last micro-batch" if unsharded_between else "reduce-scattered every micro-batch")),
+        **({"tensor_parallel": f"{tp} ranks per group, sequence parallel (whole embeddings and logits on each)"}
+           if tp > 1 else {}),
         "activation_checkpointing": parallel.ac_mode + (f" (every {parallel.ac_every})"
                                                         if parallel.ac_mode == "every_k" else ""),
         "attention": f"{cfg.attn_impl} (memory modeled as {attn})",

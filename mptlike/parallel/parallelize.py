@@ -1,8 +1,11 @@
 """Apply activation checkpointing, torch.compile and FSDP2 to a model from the outside.
 
-The order is torchtitan's: checkpoint each block, compile each (checkpointed) block, then shard each
-block and finally the root. Checkpointing first means the recomputation sits inside the compiled
-region; sharding last means FSDP2's all-gather and reduce-scatter hooks wrap everything else.
+The order is torchtitan's: swap the blocks' linear layers for float8 ones (parallel.float8), checkpoint
+each block, compile each (checkpointed) block, then shard each block and finally the root. float8 first
+means the checkpointing, compile and FSDP2 wrap the float8 layers; checkpointing next means the
+recomputation sits inside the compiled region; sharding last means FSDP2's all-gather and reduce-scatter
+hooks wrap everything else. Tensor parallelism (parallel.tp) comes before all of them, as in torchtitan:
+the others wrap blocks whose layers are already split.
 """
 
 from __future__ import annotations
@@ -14,6 +17,9 @@ import torch
 from torch import nn
 
 from mptlike.errors import MptlikeError
+from mptlike.parallel.float8 import apply_float8, check_float8_recipe, uses_float8_all_gather
+from mptlike.parallel.mesh import TP, data_parallel_mesh
+from mptlike.parallel.tensor_parallel import apply_tensor_parallel
 
 AC_MODES = ("none", "full", "every_k")
 AcMode = Literal["none", "full", "every_k"]
@@ -30,6 +36,11 @@ class ParallelPlan:
     # Gradient accumulation: False reduce-scatters every micro-batch (gradients stay sharded); True
     # once per step, holding a full fp32 gradient per parameter on every rank in between.
     accumulate_unsharded: bool = False
+    # float8 matmuls in the blocks' linear layers (mptlike.parallel.float8); all-gather null: float8 weights
+    # under FSDP2 with tensorwise scaling.
+    float8: bool = False
+    float8_recipe: str = "tensorwise"
+    float8_all_gather: bool | None = None
 
     def __post_init__(self) -> None:
         if self.ac_mode not in AC_MODES:
@@ -38,6 +49,8 @@ class ParallelPlan:
             )
         if self.ac_mode == "every_k" and self.ac_every < 1:
             raise MptlikeError(f"parallel.ac_every={self.ac_every} is invalid: use a positive integer")
+        if self.float8:
+            check_float8_recipe(self.float8_recipe, self.float8_all_gather)
 
 
 def model_blocks(model: nn.Module) -> nn.ModuleList:
@@ -149,17 +162,31 @@ def parallelize(
     param_dtype: torch.dtype | None = None,
     reduce_dtype: torch.dtype | None = torch.float32,
 ) -> nn.Module:
-    """Activation checkpointing, then compile, then FSDP2 (HSDP on a 2-D mesh) when a mesh with more than one
-    rank is given.
+    """float8 linear layers, then activation checkpointing, then compile, then FSDP2 (HSDP on a 2-D mesh) when a
+    mesh with more than one rank is given.
 
     The model may (and for large models should) still be on the meta device; materialize it
     afterwards with `mptlike.parallel.materialize`. With no mesh, or a mesh of one rank, nothing is
-    sharded and mixed precision is left to autocast.
+    sharded and mixed precision is left to autocast. A mesh with a "tp" dimension (parallel.tp > 1) first
+    splits the blocks over it (mptlike.parallel.tensor_parallel); FSDP2 then shards over the rest, even
+    when that is one rank, so that every parameter is a DTensor (torch's foreach optimizers refuse a
+    mix of DTensors and plain tensors) and mixed precision works as under FSDP2.
     """
+    tensor_parallel = mesh is not None and TP in (mesh.mesh_dim_names or ())
+    if tensor_parallel:
+        if plan.float8:
+            # Swapping in float8 layers after the split would drop the layers' tensor-parallel hooks.
+            raise MptlikeError("parallel.float8=true with parallel.tp > 1 is not supported yet: drop one of them")
+        apply_tensor_parallel(model, mesh[TP])
+        mesh = data_parallel_mesh(mesh)
+    sharded = mesh is not None and (mesh.size() > 1 or tensor_parallel)
+    if plan.float8:
+        apply_float8(model_blocks(model), plan.float8_recipe,
+                     all_gather=uses_float8_all_gather(plan.float8_recipe, plan.float8_all_gather, sharded=sharded))
     apply_activation_checkpointing(model, plan.ac_mode, plan.ac_every)
     if plan.compile:
         apply_compile(model)
-    if mesh is not None and mesh.size() > 1:
+    if sharded:
         apply_fsdp(
             model,
             mesh,

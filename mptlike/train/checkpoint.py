@@ -16,6 +16,8 @@ it, so a folder with the final name is always whole and a crash leaves only a .t
 disk removes the .tmp and raises one MptlikeError on every rank; older checkpoints are untouched.
 `get_state_dict`/`set_state_dict` give FSDP2-sharded and plain single-process models the same
 parameter names (wrappers such as activation checkpointing are stripped), so both share one path.
+Tensor parallelism permutes Wqkv's rows in memory; checkpoints hold them, and their Adam moments, in
+MPT's order (mptlike.parallel.tensor_parallel), so any mesh loads any checkpoint.
 """
 
 from __future__ import annotations
@@ -45,6 +47,11 @@ from torch import nn
 from mptlike import faults
 from mptlike.errors import MptlikeError, short_error
 from mptlike.files import atomic_write, replace_dir
+from mptlike.parallel.tensor_parallel import (
+    canonical_sharded_state,
+    full_state_to_tp_order,
+    sharded_state_from_canonical,
+)
 from mptlike.train.layout import CHECKPOINTS
 
 log = logging.getLogger(__name__)
@@ -381,7 +388,8 @@ class Checkpointer:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        model_state, optim_state = get_state_dict(model, optimizer)
+        # Wqkv (and its moments) in MPT's row order whatever the tensor-parallel layout: any mesh loads it.
+        model_state, optim_state = canonical_sharded_state(model, *get_state_dict(model, optimizer))
         tensors = {"model": model_state, "optim": optim_state}
         future = None
         with _single_process_ok():
@@ -516,10 +524,12 @@ def load_model_and_optimizer(path: Path, model: nn.Module, optimizer: torch.opti
         if optimizer is None:
             model_state = get_model_state_dict(model)
             dcp.load({"model": model_state}, checkpoint_id=str(path), no_dist=not _distributed())
-            set_model_state_dict(model, model_state)
+            set_model_state_dict(model, sharded_state_from_canonical(model, model_state)[0])
             return
         model_state, optim_state = get_state_dict(model, optimizer)
+        # The checkpoint holds Wqkv in MPT's row order; a tensor-parallel model holds it permuted.
         dcp.load({"model": model_state, "optim": optim_state}, checkpoint_id=str(path), no_dist=not _distributed())
+    model_state, optim_state = sharded_state_from_canonical(model, model_state, optim_state)
     set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optim_state)
 
 
@@ -550,7 +560,7 @@ def load_pretrained_weights(model: nn.Module, folder: Path) -> None:
     multi = _distributed() and dist.get_world_size() > 1
     state = load_file(str(folder / WEIGHTS_NAME)) if _rank() == 0 or not multi else {}
     options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=multi)
-    set_model_state_dict(model, state, options=options)
+    set_model_state_dict(model, full_state_to_tp_order(model, state), options=options)
 
 
 def read_dcp_metadata(folder: Path):

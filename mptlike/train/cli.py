@@ -89,8 +89,9 @@ def _help_text(config_dir: Path | None = None) -> str:
         "  trainer.num_nodes, trainer.precision, trainer.global_batch_size, trainer.micro_batch_size,",
         "  model.max_seq_len, model.attn_impl, optim.lr, optim.lr_timing, optim.decay_params, logger.mode,",
         "  checkpoint.every_n_steps, checkpoint.keep_last, eval.every_n_steps, eval.tasks (lm-eval tasks),",
-        "  parallel.dp_replicate / parallel.dp_shard (HSDP), data.sources (data=mixture),",
-        "  debug.profile_steps. `--cfg` shows every key with its value.",
+        "  parallel.dp_replicate / parallel.dp_shard (HSDP), parallel.tp (tensor parallel),",
+        "  parallel.float8 (torchao, sm89+ GPUs), data.sources (data=mixture), debug.profile_steps.",
+        "  `--cfg` shows every key with its value.",
     ]
     return "\n".join(lines)
 
@@ -103,6 +104,8 @@ def _setup_logging(rank: int) -> None:
     warnings.filterwarnings("ignore", message=".*returned a view tensor.*")
     warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
     warnings.filterwarnings("ignore", message=".*`torch.distributed.reduce_scatter_tensor` is deprecated.*")
+    # Gathering a tensor-parallel Wqkv whole (checkpoints, export) takes two all-gathers; concatenation is exact.
+    logging.getLogger("torch.distributed.tensor._redistribute").setLevel(logging.ERROR)
 
 
 def _env_rank() -> int:
@@ -124,6 +127,7 @@ def dry_run_report(plan) -> str:
     import torch
 
     from mptlike.model import MPTForCausalLM
+    from mptlike.parallel.memory import block_parameters_per_rank
     from mptlike.train.flops import FLOPS_FORMULA
 
     cfg, mc, world = plan.cfg, plan.model_config, plan.world
@@ -132,8 +136,11 @@ def dry_run_report(plan) -> str:
     params = model.num_params()
     fpt = model.flops_per_token(mc.max_seq_len)
     tokens = plan.tokens_per_step
-    # fp32 master weights + fp32 grads + two fp32 Adam moments (Lion: one), sharded over dp_shard ranks.
-    state_bytes = params * (16 if cfg.optim.name == "decoupled_adamw" else 12)
+    # fp32 master weights + fp32 grads + two fp32 Adam moments (Lion: one), sharded over dp_shard ranks
+    # (and the blocks' matrices split over parallel.tp ranks).
+    tp = plan.mesh.tp
+    split = mc.n_layers * (block_parameters_per_rank(mc) - block_parameters_per_rank(mc, tp)) if tp > 1 else 0
+    state_bytes = (params - split) * (16 if cfg.optim.name == "decoupled_adamw" else 12)
     lines = [
         f"dry run of {cfg.name}: nothing was allocated or written",
         f"parameters: {params} ({_format_count(params)})",
@@ -148,9 +155,10 @@ def dry_run_report(plan) -> str:
         f"flops_per_token: {fpt:.4g} ({FLOPS_FORMULA})",
         f"flops_per_step: {fpt * tokens:.4g}",
         f"precision: {plan.precision.name}; activation_checkpointing: {plan.parallel.ac_mode}; "
-        f"sharded: {world.world_size > 1}",
+        f"sharded: {world.world_size > 1}"
+        + (f"; float8: {plan.parallel.float8_recipe} (torchao)" if plan.parallel.float8 else ""),
         f"params_grads_optimizer_gb_per_rank: {state_bytes / plan.mesh.dp_shard / 1e9:.2f} (fp32, sharded over "
-        f"{plan.mesh.dp_shard}; activations extra)",
+        f"{plan.mesh.dp_shard}{f' and tensor parallel over {tp}' if tp > 1 else ''}; activations extra)",
     ]
     return "\n".join(lines)
 

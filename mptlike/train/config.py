@@ -26,6 +26,7 @@ from omegaconf import MISSING
 from mptlike.errors import MptlikeError
 from mptlike.model import MPTConfig
 from mptlike.model.presets import PRESETS
+from mptlike.parallel.float8 import FLOAT8_RECIPES
 from mptlike.parallel.materialize import INIT_MODES
 from mptlike.parallel.parallelize import AC_MODES
 from mptlike.parallel.precision import DTYPES
@@ -60,6 +61,7 @@ ParamDtype = choices("ParamDtype", ("auto", *DTYPES))
 ReduceDtype = choices("ReduceDtype", tuple(DTYPES))
 ActivationCheckpointing = choices("ActivationCheckpointing", AC_MODES)
 InitMode = choices("InitMode", INIT_MODES)
+Float8Recipe = choices("Float8Recipe", FLOAT8_RECIPES)
 OptimName = choices("OptimName", OPTIMIZERS)
 LrSchedule = choices("LrSchedule", SCHEDULES)
 LrTiming = choices("LrTiming", LR_TIMINGS)
@@ -143,6 +145,17 @@ class ParallelConfig:
     # the groups. dp_shard=-1: the world size divided by dp_replicate.
     dp_replicate: int = 1
     dp_shard: int = -1
+    # Tensor parallelism with sequence parallelism (mptlike.parallel.tensor_parallel): groups of tp consecutive
+    # ranks (within a node) split every block, each owning whole heads; they read the same data, so
+    # dp_replicate x dp_shard x tp = the world size. It must divide model.n_heads, kv_n_heads and the MLP width.
+    tp: int = 1
+    # float8 matmuls in the blocks' linear layers (torchao, the `float8` extra; GPUs of compute capability 8.9+
+    # such as H100, H200, L40S): the embedding and head stay bf16, checkpoints are the same as without float8.
+    float8: bool = False
+    # tensorwise: one scale per tensor, the fastest; rowwise: one scale per row, closer to bf16 and slower
+    float8_recipe: Float8Recipe = Float8Recipe("tensorwise")
+    # null: FSDP2 all-gathers tensorwise weights in float8 (half of bf16's bytes); rowwise always gathers bf16
+    float8_all_gather: Optional[bool] = None
 
 
 @dataclass

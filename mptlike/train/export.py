@@ -23,6 +23,7 @@ from mptlike.errors import MptlikeError
 from mptlike.files import replace_dir
 from mptlike.model import MPTForCausalLM
 from mptlike.model.generation import generate
+from mptlike.parallel.tensor_parallel import full_state_to_canonical
 from mptlike.train.layout import FINAL
 from mptlike.train.plan import RunPlan
 
@@ -35,7 +36,7 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
     distributed = dist.is_available() and dist.is_initialized()
     options = StateDictOptions(full_state_dict=True, cpu_offload=distributed)
-    state = get_model_state_dict(model, options=options)
+    state = full_state_to_canonical(model, get_model_state_dict(model, options=options))  # Wqkv in MPT's order
     return {k: v.detach().cpu() for k, v in state.items()}
 
 

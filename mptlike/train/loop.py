@@ -30,6 +30,7 @@ from mptlike.data import TokenDataset, build_loader
 from mptlike.data.mixture import build_mixture_loader
 from mptlike.model import MPTForCausalLM
 from mptlike.parallel import build_mesh, is_sharded, materialize, parallelize, resolve_init_mode
+from mptlike.parallel.float8 import precompute_scales_after_step
 from mptlike.train.checkpoint import Checkpointer, load_pretrained_weights
 from mptlike.train.evaluate import evaluate, evaluate_sources, open_val_sources, open_val_split
 from mptlike.train.export import export_and_sample
@@ -141,15 +142,19 @@ class Run:
         cfg, o, ck = plan.cfg, plan.cfg.optim, plan.cfg.checkpoint
         self.plan, self.cfg, self.fabric = plan, cfg, fabric
         self.rank, self.world = fabric.global_rank, fabric.world_size
+        # The ranks of a tensor-parallel group (parallel.tp) read the same samples: data goes by data-parallel rank.
+        self.dp_rank, self.dp_world = plan.mesh.dp_rank(self.rank), plan.mesh.dp_size
         self.rank_zero = self.rank == 0
         self.model = build_model(plan, fabric)
         self.optimizer = build_optimizer(self.model, name=str(o.name), lr=o.lr, betas=tuple(o.betas), eps=o.eps,
                                          weight_decay=o.weight_decay, decay_params=str(o.decay_params),
                                          impl=str(o.impl), device_type=fabric.device.type)
+        # float8 all-gather (parallel.float8 under FSDP2): the weights' scales after each optimizer step and load.
+        self.float8_scales = precompute_scales_after_step(self.optimizer, self.model) if plan.parallel.float8 else None
         self.scheduler = LRScheduler(self.optimizer, plan.schedule, o.lr)
         seq_len, with_sequence_id = plan.model_config.max_seq_len, plan.model_config.attn_uses_sequence_id
         batching = dict(global_batch_size=cfg.trainer.global_batch_size, micro_batch_size=cfg.trainer.micro_batch_size,
-                        rank=self.rank, world_size=self.world, seed=cfg.seed, num_workers=cfg.data.num_workers,
+                        rank=self.dp_rank, world_size=self.dp_world, seed=cfg.seed, num_workers=cfg.data.num_workers,
                         pin_memory=fabric.device.type == "cuda")
         if plan.data.sources:  # data.sources: a weighted mixture (mptlike.data.mixture)
             self.loader = build_mixture_loader(plan.data.sources, seq_len=seq_len, with_sequence_id=with_sequence_id,
@@ -209,6 +214,8 @@ class Run:
         groups = self.optimizer.param_groups
         hparams = [{k: g[k] for k in ("betas", "eps", "weight_decay") if k in g} for g in groups]
         state = self.checkpointer.load(path, self.model, self.optimizer, components)
+        if self.float8_scales is not None:
+            self.float8_scales()
         for group, values in zip(groups, hparams, strict=True):
             group.update(values)
         log.info("resumed from %s at step %d (saved at world size %d)", path, self.progress.step,
@@ -276,7 +283,7 @@ class Run:
         with self.meter.paused(), self.fabric.autocast():
             score = evaluate_sources if isinstance(self.val_data, dict) else evaluate
             metrics = score(self.model, self.val_data, max_samples=cfg.eval.max_samples,
-                            micro_batch_size=cfg.trainer.micro_batch_size, rank=self.rank, world_size=self.world,
+                            micro_batch_size=cfg.trainer.micro_batch_size, rank=self.dp_rank, world_size=self.dp_world,
                             device=self.fabric.device)
         if metrics:
             self.val = metrics

@@ -20,6 +20,8 @@ import torch
 from mptlike.errors import MptlikeError, short_error
 from mptlike.model import MPTConfig
 from mptlike.parallel import MeshPlan, ParallelPlan, PrecisionPlan, resolve_mesh, resolve_precision
+from mptlike.parallel.float8 import check_float8
+from mptlike.parallel.tensor_parallel import check_tensor_parallel
 from mptlike.train.checkpoint import checkpoint_step, read_train_state, resolve_resume
 from mptlike.train.config import TrainConfig, config_to_dict
 from mptlike.train.layout import CONFIG
@@ -124,17 +126,22 @@ def _check_profile_steps(steps: list[int] | None, max_steps: int) -> None:
                            f"{max_steps}, e.g. debug.profile_steps=[{min(2, max_steps)},{min(3, max_steps)}]")
 
 
-def _check_batch(global_batch: int, micro_batch: int, world: WorldInfo) -> int:
+def _check_batch(global_batch: int, micro_batch: int, world: WorldInfo, tp: int = 1) -> int:
+    """Micro-batches per step on each data-parallel rank; the tp ranks of a tensor-parallel group share theirs."""
     _positive("trainer.global_batch_size", global_batch)
     _positive("trainer.micro_batch_size", micro_batch)
-    per_step = micro_batch * world.world_size
+    dp = world.world_size // tp
+    per_step = micro_batch * dp
     if global_batch % per_step:
         lower = max(per_step, global_batch // per_step * per_step)
         # What an elastic job that lost or gained nodes needs to know: the world sizes this batch allows.
-        sizes = [w for w in range(1, 2 * max(world.world_size, 1) + 1) if global_batch % (micro_batch * w) == 0]
+        sizes = [w for w in range(tp, 2 * max(world.world_size, 1) + 1, tp)
+                 if global_batch % (micro_batch * w // tp) == 0]
+        ranks = (f"world size = {micro_batch} * {world.world_size}" if tp == 1 else
+                 f"data-parallel size = {micro_batch} * {dp} (world size {world.world_size} / parallel.tp={tp})")
         raise MptlikeError(
-            f"trainer.global_batch_size={global_batch} is not divisible by trainer.micro_batch_size * world size = "
-            f"{micro_batch} * {world.world_size} = {per_step}: use a multiple of {per_step} such as {lower} or "
+            f"trainer.global_batch_size={global_batch} is not divisible by trainer.micro_batch_size * {ranks} = "
+            f"{per_step}: use a multiple of {per_step} such as {lower} or "
             f"{lower + per_step}, or change trainer.micro_batch_size (world sizes up to {2 * world.world_size} that "
             f"divide it at micro-batch {micro_batch}: {', '.join(map(str, sizes)) or 'none'})"
         )
@@ -273,6 +280,17 @@ def _check_misc(cfg: TrainConfig) -> None:
         raise MptlikeError("resume is empty: use auto, never or a checkpoint folder")
 
 
+def _check_tp_features(cfg: TrainConfig, tp: int) -> None:
+    """What tensor parallelism (parallel.tp > 1) does not combine with, refused with the way around it."""
+    if cfg.parallel.float8:
+        raise MptlikeError(f"parallel.float8=true with parallel.tp={tp}: float8 layers split by tensor parallelism "
+                           f"are not built; use parallel.tp=1 (FSDP2 or HSDP) with float8, or bf16 with parallel.tp")
+    if cfg.eval.tasks:
+        raise MptlikeError(f"eval.tasks with parallel.tp={tp}: the lm-eval adapter splits its requests over all ranks, "
+                           f"not over tensor-parallel groups; drop eval.tasks and score run_dir/final with "
+                           f"`mptlike-eval --tasks ...`, or use parallel.tp=1")
+
+
 WANDB_INSTALL_HINT = "pip install 'mptlike[wandb]'"
 
 
@@ -378,10 +396,18 @@ def check_composer_plan(plan: RunPlan) -> None:
     if cfg.data.sources:
         raise MptlikeError("data.sources (a mixture) with trainer.backend=composer: the Composer backend reads one "
                            "folder; use data=folder data.path=DIR or trainer.backend=lightning")
+    if plan.mesh.tp > 1:
+        raise MptlikeError(
+            f"parallel.tp={plan.mesh.tp} with trainer.backend=composer: tensor parallelism is applied by mptlike's own "
+            f"parallelize, which the Composer backend does not use; use parallel.tp=1 or trainer.backend=lightning")
     if plan.mesh.hsdp:
         raise MptlikeError(
             f"parallel.dp_replicate={plan.mesh.dp_replicate} (HSDP) with trainer.backend=composer: the Composer "
             f"backend shards over all ranks only; use parallel.dp_replicate=1 or trainer.backend=lightning")
+    if cfg.parallel.float8:
+        raise MptlikeError("parallel.float8=true with trainer.backend=composer: float8 is applied by mptlike's own "
+                           "parallelize, which the Composer backend does not use; drop parallel.float8 or use "
+                           "trainer.backend=lightning")
     if cfg.debug.profile_steps:
         raise MptlikeError("debug.profile_steps with trainer.backend=composer: the profiler is built into the "
                            "Lightning loop only; drop debug.profile_steps or use trainer.backend=lightning")
@@ -415,8 +441,8 @@ def estimate_memory(plan: RunPlan):
     cfg = plan.cfg
     return estimate_training_memory(
         plan.model_config, micro_batch=cfg.trainer.micro_batch_size, precision=plan.precision,
-        parallel=plan.parallel, world_size=plan.mesh.dp_shard if plan.mesh.hsdp else plan.world.world_size,
-        accumulation_steps=plan.accumulation_steps,
+        parallel=plan.parallel, world_size=plan.mesh.dp_shard if plan.mesh.hsdp else plan.mesh.dp_size,
+        tp=plan.mesh.tp, accumulation_steps=plan.accumulation_steps,
         optimizer=str(cfg.optim.name), optimizer_impl=str(cfg.optim.impl),
         device="cuda" if plan.accelerator == "gpu" else "cpu")
 
@@ -470,9 +496,15 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
         raise MptlikeError("model.attn_impl=flex cannot train on CPU (FlexAttention has no CPU backward): use "
                            "model.attn_impl=sdpa or auto, or a GPU")
     world = detect_world(cfg.trainer.devices, cfg.trainer.num_nodes)
-    mesh = resolve_mesh(cfg.parallel.dp_replicate, cfg.parallel.dp_shard, world.world_size)
+    mesh = resolve_mesh(cfg.parallel.dp_replicate, cfg.parallel.dp_shard, world.world_size, cfg.parallel.tp)
+    check_tensor_parallel(model, mesh.tp, world.world_size)
+    if mesh.tp > 1:
+        _check_tp_features(cfg, mesh.tp)
+        if mesh.tp > world.devices:
+            log.warning("parallel.tp=%d spans nodes (%d devices per node): every block all-gathers and "
+                        "reduce-scatters over the slow links; keep tp within a node", mesh.tp, world.devices)
     _check_profile_steps(cfg.debug.profile_steps, cfg.trainer.max_steps)
-    accum = _check_batch(cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size, world)
+    accum = _check_batch(cfg.trainer.global_batch_size, cfg.trainer.micro_batch_size, world, mesh.tp)
     precision = resolve_precision(
         cfg.trainer.precision,
         cuda=accelerator == "gpu",
@@ -486,6 +518,9 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
         compile=cfg.parallel.compile,
         reshard_after_forward=cfg.parallel.reshard_after_forward,
         accumulate_unsharded=cfg.parallel.accumulate_unsharded,
+        float8=cfg.parallel.float8,
+        float8_recipe=str(cfg.parallel.float8_recipe),
+        float8_all_gather=cfg.parallel.float8_all_gather,
     )
     schedule = Schedule(str(cfg.optim.schedule), cfg.trainer.max_steps, cfg.optim.warmup_steps, cfg.optim.alpha_f,
                         timing=str(cfg.optim.lr_timing))
@@ -496,6 +531,11 @@ def build_plan(cfg: TrainConfig) -> RunPlan:
     composer = str(cfg.trainer.backend) == "composer"
     if not cfg.dry_run:
         check_attn_impl(model.attn_impl)
+        if cfg.parallel.float8:
+            check_float8(precision=precision.name, accelerator=accelerator)
+            if not cfg.parallel.compile:
+                log.warning("parallel.float8 without parallel.compile: torchao's casts to float8 then run as "
+                            "separate kernels and the step is usually slower than in bf16; add parallel.compile=true")
         check_wandb_installed(cfg)
         data = check_data(cfg, model)
         if cfg.eval.tasks:

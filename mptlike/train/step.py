@@ -11,6 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mptlike.parallel.tensor_parallel import clip_grad_norm, spans_meshes
+
 
 def reduce_and_clip(model: nn.Module, loss_sum: torch.Tensor, *, micro_batches: int, stop_requested: bool,
                     grad_clip: float) -> tuple[float, float, bool]:
@@ -21,7 +23,11 @@ def reduce_and_clip(model: nn.Module, loss_sum: torch.Tensor, *, micro_batches: 
         dist.all_reduce(packed)
         packed[0] /= world
     params = [p for p in model.parameters() if p.grad is not None]
-    if grad_clip > 0:
+    if spans_meshes([p.grad for p in params]):
+        # Tensor parallelism: the blocks on the dp x tp mesh, the embeddings on the dp mesh only, which torch's
+        # clip_grad_norm_ cannot reduce together.
+        norm = clip_grad_norm(params, grad_clip)
+    elif grad_clip > 0:
         norm = torch.nn.utils.clip_grad_norm_(params, grad_clip)
     else:
         norm = torch.nn.utils.get_total_norm([p.grad for p in params])
