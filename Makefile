@@ -42,9 +42,11 @@ lint: $(VENV)/.dev
 # its own process under its own time limit, 9 minutes in all. Writes summary.md, gpu_check.json and
 # gpu_check.log under $OUT (else runs/gpu-check). Needs only a Python with torch: a bare GPU machine
 # has no .venv, so plain python3 runs it there.
+# ONLY="stage ..." reruns named stages, e.g. the second call of a GPU session: make gpu-check ONLY="env float8"
+# (float8 against bf16 is outside the default budget).
 GPU_CHECK_PYTHON ?= $(if $(wildcard $(BIN)/python),$(BIN)/python,python3)
 gpu-check:
-	$(GPU_CHECK_PYTHON) benchmarks/gpu_check.py --out "$(or $(OUT),runs/gpu-check)"
+	$(GPU_CHECK_PYTHON) benchmarks/gpu_check.py --out "$(or $(OUT),runs/gpu-check)" $(if $(ONLY),--only $(ONLY))
 
 # MosaicML Composer 0.32 (its last release) needs torch >= 2.6, < 2.7.1 and torchvision, so it
 # gets its own environment, which also holds llm-foundry 0.22.0 (the latest release), the reference
