@@ -25,11 +25,26 @@ Compute: model FLOPs per token 6N + 12 L d seq (mptlike.train.flops) at `mfu` of
 with full activation checkpointing the forward is run twice, so the GPU does 4/3 of the model's FLOPs
 (every_k: 1 + 1/(3k)) and the same hardware efficiency takes that much longer.
 
+Tensor parallelism (`tp`, mptlike.parallel.tensor_parallel; mesh dp_replicate x dp_shard x tp, tp
+innermost and within a node): each MPT block all-gathers its normed input over the sequence before
+attention and before the MLP and reduce-scatters out_proj's and down_proj's outputs, each a buffer of
+micro_batch x seq x d_model elements in the compute dtype (`param_dtype`); backward runs the reverse
+(two reduce-scatters, two all-gathers); a checkpointed block's forward runs them again in the recompute.
+Outside the blocks: norm_f's output is all-gathered in forward (its backward is a slice), and the cut of
+the embedding's output to this rank's tokens all-gathers its gradient in backward. Per rank per step:
+    A x (t-1)/t x mb x seq x d x bytes x (8 L + 4 checkpointed blocks + 2)
+at `intra_bw` (tp > gpus_per_node is refused). These collectives sit on the compute's critical path
+(no async TP), so the step takes max(compute + TP, FSDP comm). The blocks' parameters per rank are
+divided by tp (mptlike.parallel.memory.block_parameters_per_rank), so FSDP2 gathers and reduces
+embeddings + blocks/tp over its dp_shard group; the shard group spans dp_shard x tp GPUs. The head and
+the loss run whole on every TP rank: (tp-1) x 6 V d extra GPU FLOPs per token.
+
 Memory per rank: mptlike.parallel.memory.estimate_training_memory, called as mptlike.train.plan does
-(world_size = dp_shard under HSDP).
+(world_size = dp_shard under HSDP, the data-parallel size otherwise; tp).
 
     .venv/bin/python benchmarks/comm_volume.py --preset mpt-7b --gpus 64 --dp-shard 8 --global-batch 1024
     .venv/bin/python benchmarks/comm_volume.py --preset mpt-70b --gpus 64 128 256 512 --global-batch 2048 --recommend
+    .venv/bin/python benchmarks/comm_volume.py --preset mpt-70b --gpus 512 --tp 8 --global-batch 2048 --micro-batch 4
 """
 
 from __future__ import annotations
@@ -48,7 +63,7 @@ except ImportError:  # run from a checkout without `pip install -e .`
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from mptlike.model import MPTConfig, MPTForCausalLM
-from mptlike.parallel.memory import estimate_training_memory
+from mptlike.parallel.memory import block_parameters_per_rank, estimate_training_memory
 from mptlike.parallel.parallelize import ParallelPlan
 from mptlike.parallel.precision import resolve_precision
 
@@ -77,6 +92,7 @@ class ModelSizes:
     n_layers: int
     d_model: int
     flops_per_token: int
+    vocab: int = 0  # the (tied) head's rows: its matmul is what every TP rank runs whole
 
 
 @functools.cache
@@ -88,14 +104,22 @@ def model_sizes(preset: str, seq_len: int) -> ModelSizes:
     n = model.num_params()
     n_block = sum(p.numel() for p in model.transformer.blocks[0].parameters())
     return ModelSizes(n, n_block, n - cfg.n_layers * n_block, cfg.n_layers, cfg.d_model,
-                      model.flops_per_token(seq_len))
+                      model.flops_per_token(seq_len), cfg.vocab_size)
+
+
+@functools.cache
+def block_params_per_tp_rank(preset: str, seq_len: int, tp: int) -> float:
+    """One block's parameters on one TP rank (mptlike.parallel.memory's own count); the whole block at tp=1."""
+    if tp == 1:
+        return model_sizes(preset, seq_len).n_block
+    return block_parameters_per_rank(MPTConfig.from_preset(preset, max_seq_len=seq_len), tp)
 
 
 @dataclass(frozen=True)
 class Plan:
     preset: str
     gpus: int
-    dp_shard: int  # ranks that share one copy of the model; dp_replicate = gpus // dp_shard
+    dp_shard: int  # data-parallel ranks that share one copy of the model; dp_replicate = gpus // (dp_shard x tp)
     global_batch: int  # sequences per optimizer step
     micro_batch: int  # sequences per forward/backward per rank
     seq_len: int = 2048
@@ -111,20 +135,33 @@ class Plan:
     inter_bw: float = IB_BW
     peak_flops: float = H100_PEAK
     mfu: float = 0.45
+    tp: int = 1  # tensor-parallel ranks per group (innermost mesh dimension, within a node)
+
+    @property
+    def dp(self) -> int:
+        """Data-parallel ranks: the tp ranks of a group share one micro-batch."""
+        return self.gpus // self.tp
 
     @property
     def dp_replicate(self) -> int:
-        return self.gpus // self.dp_shard
+        return self.gpus // (self.dp_shard * self.tp)
 
     @property
     def accumulation(self) -> int:
-        return self.global_batch // (self.gpus * self.micro_batch)
+        return self.global_batch // (self.dp * self.micro_batch)
 
     def validate(self) -> None:
-        if self.gpus % self.dp_shard:
-            raise ValueError(f"dp_shard={self.dp_shard} does not divide {self.gpus} GPUs")
-        if self.global_batch % (self.gpus * self.micro_batch):
-            raise ValueError(f"global batch {self.global_batch} is not a multiple of {self.gpus} GPUs x micro-batch "
+        if self.tp < 1 or self.gpus % self.tp:
+            raise ValueError(f"tp={self.tp} does not divide {self.gpus} GPUs")
+        if self.tp > self.gpus_per_node:
+            raise ValueError(f"tp={self.tp} exceeds {self.gpus_per_node} GPUs per node: a tensor-parallel group "
+                             f"must stay on NVLink")
+        if self.dp % self.dp_shard:
+            raise ValueError(f"dp_shard={self.dp_shard} does not divide {self.dp} data-parallel ranks "
+                             f"({self.gpus} GPUs / tp={self.tp})")
+        if self.global_batch % (self.dp * self.micro_batch):
+            dp = f"{self.gpus} GPUs" if self.tp == 1 else f"{self.dp} data-parallel ranks"
+            raise ValueError(f"global batch {self.global_batch} is not a multiple of {dp} x micro-batch "
                              f"{self.micro_batch}")
 
 
@@ -142,21 +179,24 @@ class Estimate:
     compute_s: float
     memory_bytes: float
     peak_phase: str
+    tp_bytes: float = 0.0  # tensor parallelism's activation all-gathers and reduce-scatters
+    tp_s: float = 0.0
 
     @property
     def comm_s(self) -> float:
-        """All collectives one after another (an upper bound on their time: the all-reduce's IB link and
-        the all-gather's NVLink could run at once under HSDP)."""
+        """FSDP2's collectives one after another (an upper bound on their time: the all-reduce's IB link and
+        the all-gather's NVLink could run at once under HSDP). TP's are `tp_s`, not included."""
         return self.allgather_s + self.reduce_scatter_s + self.all_reduce_s
 
     @property
     def step_s_overlapped(self) -> float:
-        """Step time if FSDP2's prefetching hides every collective behind compute (or the reverse)."""
-        return max(self.compute_s, self.comm_s)
+        """Step time if FSDP2's prefetching hides its collectives behind compute (or the reverse); TP's
+        collectives block the next matmul, so they add to compute."""
+        return max(self.compute_s + self.tp_s, self.comm_s)
 
     @property
     def step_s_serial(self) -> float:
-        return self.compute_s + self.comm_s
+        return self.compute_s + self.tp_s + self.comm_s
 
     @property
     def tokens_per_step_per_gpu(self) -> float:
@@ -197,38 +237,65 @@ def recompute_factor(ac_mode: str, ac_every: int) -> float:
     return 1.0
 
 
+def checkpointed_blocks(plan: Plan, n_layers: int) -> int:
+    """Blocks whose forward runs again in backward (mptlike.parallel.memory's `checkpointed`)."""
+    if plan.ac_mode == "full":
+        return n_layers
+    if plan.ac_mode == "every_k":
+        return sum(1 for i in range(n_layers) if i % plan.ac_every == 0)
+    return 0
+
+
 def collective_bytes(plan: Plan, sizes: ModelSizes) -> tuple[float, float, float]:
-    """(all-gather, reduce-scatter, all-reduce) bytes each rank sends per optimizer step."""
+    """(all-gather, reduce-scatter, all-reduce) bytes each rank sends per optimizer step for FSDP2/HSDP."""
     s, r = plan.dp_shard, plan.dp_replicate
     p_bytes = DTYPE_BYTES[plan.precision]
     g_bytes = DTYPE_BYTES[plan.reduce_dtype]
+    # What one TP rank's FSDP2 units hold: the root whole, the blocks divided by tp.
+    n_block = block_params_per_tp_rank(plan.preset, plan.seq_len, plan.tp)
+    n_params = sizes.n_root + sizes.n_layers * n_block
     # Elements gathered per micro-batch: everything for forward; for backward, what resharded after forward.
-    gathered = sizes.n_params
+    gathered = n_params
     if plan.reshard_after_forward:
-        gathered += (sizes.n_layers - 1) * sizes.n_block + (sizes.n_root if plan.root_regather else 0)
+        gathered += (sizes.n_layers - 1) * n_block + (sizes.n_root if plan.root_regather else 0)
     micro = plan.accumulation
     reductions = 1 if plan.accumulate_unsharded else micro
     allgather = micro * ring_allgather_factor(s) * gathered * p_bytes
-    reduce_scatter = reductions * ring_allgather_factor(s) * sizes.n_params * g_bytes
-    all_reduce = reductions * ring_allreduce_factor(r) * (sizes.n_params / s) * g_bytes
+    reduce_scatter = reductions * ring_allgather_factor(s) * n_params * g_bytes
+    all_reduce = reductions * ring_allreduce_factor(r) * (n_params / s) * g_bytes
     return allgather, reduce_scatter, all_reduce
+
+
+def tp_bytes(plan: Plan, sizes: ModelSizes) -> float:
+    """Bytes each rank sends per optimizer step in tensor parallelism's activation collectives."""
+    if plan.tp == 1:
+        return 0.0
+    buffer = plan.micro_batch * plan.seq_len * sizes.d_model * DTYPE_BYTES[plan.precision]
+    # Per block 2 AG + 2 RS forward, 2 RS + 2 AG backward, 4 more in a recomputed forward; norm_f's
+    # all-gather (forward) and the embedding cut's gradient all-gather (backward).
+    per_micro = 8 * sizes.n_layers + 4 * checkpointed_blocks(plan, sizes.n_layers) + 2
+    return plan.accumulation * ring_allgather_factor(plan.tp) * buffer * per_micro
 
 
 def estimate(plan: Plan) -> Estimate:
     plan.validate()
     sizes = model_sizes(plan.preset, plan.seq_len)
     ag, rs, ar = collective_bytes(plan, sizes)
-    shard_spans = plan.dp_shard > plan.gpus_per_node
+    tp_b = tp_bytes(plan, sizes)
+    # tp is the innermost mesh dimension: a shard group's ranks are tp apart, spanning dp_shard x tp GPUs.
+    shard_spans = plan.dp_shard * plan.tp > plan.gpus_per_node
     shard_bw = link_bw(plan.dp_shard, shard_spans, plan)
     # The replicate group links rank i of every shard group: other nodes unless a node holds several groups.
-    replicate_spans = plan.dp_shard * plan.dp_replicate > plan.gpus_per_node
+    replicate_spans = plan.dp_shard * plan.dp_replicate * plan.tp > plan.gpus_per_node
     replicate_bw = link_bw(plan.dp_replicate, replicate_spans, plan)
     tokens = plan.global_batch * plan.seq_len / plan.gpus
-    compute = (tokens * sizes.flops_per_token * recompute_factor(plan.ac_mode, plan.ac_every)
-               / (plan.mfu * plan.peak_flops))
+    gpu_flops = tokens * sizes.flops_per_token * recompute_factor(plan.ac_mode, plan.ac_every)
+    gpu_flops += tokens * (plan.tp - 1) * 6 * sizes.vocab * sizes.d_model  # the head, whole on every TP rank
+    compute = gpu_flops / (plan.mfu * plan.peak_flops)
     mem = per_rank_memory(plan)
     return Estimate(plan, sizes.n_params, plan.accumulation, ag, rs, ar, ag / shard_bw, rs / shard_bw,
-                    ar / replicate_bw if ar else 0.0, compute, mem.peak_bytes, mem.peak_phase)
+                    ar / replicate_bw if ar else 0.0, compute, mem.peak_bytes, mem.peak_phase,
+                    tp_b, tp_b / plan.intra_bw)
 
 
 def per_rank_memory(plan: Plan):
@@ -239,32 +306,43 @@ def per_rank_memory(plan: Plan):
     parallel = ParallelPlan(ac_mode=plan.ac_mode, ac_every=plan.ac_every,
                             reshard_after_forward=plan.reshard_after_forward,
                             accumulate_unsharded=plan.accumulate_unsharded)
-    world = plan.dp_shard if plan.dp_replicate > 1 else plan.gpus
+    world = plan.dp_shard if plan.dp_replicate > 1 else plan.dp
     return estimate_training_memory(cfg, micro_batch=plan.micro_batch, precision=precision, parallel=parallel,
                                     world_size=world, accumulation_steps=plan.accumulation, device="cuda",
-                                    seq_len=plan.seq_len)
+                                    seq_len=plan.seq_len, tp=plan.tp)
 
 
-def candidate_shards(gpus: int, gpus_per_node: int) -> list[int]:
-    """FSDP over everything, and HSDP with one or two nodes per shard group."""
-    out = [gpus]
-    for s in (gpus_per_node, 2 * gpus_per_node):
-        if s < gpus and gpus % s == 0:
+def candidate_shards(gpus: int, gpus_per_node: int, tp: int = 1) -> list[int]:
+    """FSDP over every data-parallel rank, and HSDP with one or two nodes per shard group."""
+    dp = gpus // tp
+    out = [dp]
+    for nodes in (1, 2):
+        s = nodes * gpus_per_node // tp
+        if 1 <= s < dp and dp % s == 0 and s not in out:
             out.append(s)
     return out
 
 
+def candidate_tp(preset: str, gpus: int, gpus_per_node: int) -> list[int]:
+    """1, 2, 4, 8 where they fit in a node, divide the GPUs and split the model into whole heads."""
+    cfg = MPTConfig.from_preset(preset)
+    return [t for t in (1, 2, 4, 8) if t <= gpus_per_node and gpus % t == 0 and cfg.n_heads % t == 0
+            and cfg.kv_n_heads % t == 0 and cfg.ffn_hidden_size % t == 0]
+
+
 def recommend(preset: str, gpus: int, global_batch: int, memory_budget: float = 70 * GB,
-              **overrides) -> tuple[Estimate | None, list[Estimate]]:
+              tps: tuple[int, ...] | None = None, **overrides) -> tuple[Estimate | None, list[Estimate]]:
     """The plan with the most tokens/s/GPU (collectives overlapped) whose estimated peak fits `memory_budget`,
-    over meshes (candidate_shards), activation checkpointing none / full and micro-batches 1..per-rank batch."""
+    over tensor parallelism (candidate_tp, or `tps`), meshes (candidate_shards), activation checkpointing
+    none / full and micro-batches 1..per-rank batch."""
     gpus_per_node = overrides.get("gpus_per_node", 8)
-    per_rank = global_batch // gpus
     tried = []
-    for s in candidate_shards(gpus, gpus_per_node):
-        for ac in ("none", "full"):
-            for mb in (m for m in (1, 2, 4, 8, 16, 32) if m <= per_rank and per_rank % m == 0):
-                tried.append(estimate(Plan(preset, gpus, s, global_batch, mb, ac_mode=ac, **overrides)))
+    for tp in (tps if tps is not None else candidate_tp(preset, gpus, gpus_per_node)):
+        per_rank = global_batch // (gpus // tp)
+        for s in candidate_shards(gpus, gpus_per_node, tp):
+            for ac in ("none", "full"):
+                for mb in (m for m in (1, 2, 4, 8, 16, 32) if m <= per_rank and per_rank % m == 0):
+                    tried.append(estimate(Plan(preset, gpus, s, global_batch, mb, ac_mode=ac, tp=tp, **overrides)))
     fits = [e for e in tried if e.memory_bytes <= memory_budget]
     # Ties (compute-bound plans): prefer the one with the least communication, i.e. the most slack for
     # the overlap to absorb, which is also the largest micro-batch (fewer, bigger kernels).
@@ -272,17 +350,19 @@ def recommend(preset: str, gpus: int, global_batch: int, memory_budget: float = 
     return best, tried
 
 
-COLUMNS = ("model", "GPUs", "mesh r x s", "AC", "mb x acc", "mem GB", "AG GB", "RS GB", "AR GB",
-           "AG s", "RS s", "AR s", "comm s", "compute s", "hidden", "tok/s/GPU", "MFU", "serial")
+COLUMNS = ("model", "GPUs", "mesh r x s x t", "AC", "mb x acc", "mem GB", "AG GB", "RS GB", "AR GB",
+           "AG s", "RS s", "AR s", "comm s", "TP GB / s", "compute s", "hidden", "tok/s/GPU", "MFU", "serial")
 
 
 def row(e: Estimate) -> list[str]:
     p = e.plan
-    return [p.preset, str(p.gpus), f"{p.dp_replicate} x {p.dp_shard}", p.ac_mode, f"{p.micro_batch} x {e.accumulation}",
+    tp = f"{e.tp_bytes / GB:.1f} / {e.tp_s:.2f}" if p.tp > 1 else "-"
+    return [p.preset, str(p.gpus), f"{p.dp_replicate} x {p.dp_shard} x {p.tp}", p.ac_mode,
+            f"{p.micro_batch} x {e.accumulation}",
             f"{e.memory_bytes / GB:.1f}", f"{e.allgather_bytes / GB:.1f}", f"{e.reduce_scatter_bytes / GB:.1f}",
             f"{e.all_reduce_bytes / GB:.2f}", f"{e.allgather_s:.2f}", f"{e.reduce_scatter_s:.2f}",
-            f"{e.all_reduce_s:.2f}", f"{e.comm_s:.2f}", f"{e.compute_s:.2f}",
-            "yes" if e.comm_s <= e.compute_s else "NO", f"{e.tokens_per_s_per_gpu:,.0f}", f"{e.model_mfu:.1%}",
+            f"{e.all_reduce_s:.2f}", f"{e.comm_s:.2f}", tp, f"{e.compute_s:.2f}",
+            "yes" if e.comm_s <= e.compute_s + e.tp_s else "NO", f"{e.tokens_per_s_per_gpu:,.0f}", f"{e.model_mfu:.1%}",
             f"{e.tokens_per_s_per_gpu_serial:,.0f}"]
 
 
@@ -297,7 +377,10 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--preset", default="mpt-7b")
     ap.add_argument("--gpus", type=int, nargs="+", default=[8])
-    ap.add_argument("--dp-shard", type=int, default=-1, help="ranks per shard group; -1: all GPUs (plain FSDP)")
+    ap.add_argument("--dp-shard", type=int, default=-1,
+                    help="data-parallel ranks per shard group; -1: all of them (plain FSDP)")
+    ap.add_argument("--tp", type=int, default=1,
+                    help="tensor-parallel ranks per group (at most --gpus-per-node); --recommend tries 1, 2, 4, 8")
     ap.add_argument("--global-batch", type=int, default=1024, help="sequences per optimizer step")
     ap.add_argument("--micro-batch", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=2048)
@@ -339,9 +422,9 @@ def main(argv: list[str] | None = None) -> int:
                 else:
                     rows.append(best)
             else:
-                shard = gpus if args.dp_shard == -1 else args.dp_shard
+                shard = gpus // args.tp if args.dp_shard == -1 else args.dp_shard
                 rows.append(estimate(Plan(args.preset, gpus, shard, args.global_batch, args.micro_batch,
-                                          ac_mode=args.ac, **common)))
+                                          ac_mode=args.ac, tp=args.tp, **common)))
     except ValueError as exc:
         print(f"comm_volume: {exc}", file=sys.stderr)
         return 2
@@ -351,7 +434,9 @@ def main(argv: list[str] | None = None) -> int:
           f"reduce {args.reduce_dtype}; links {args.intra_bw:g} GB/s intra-node, {args.inter_bw:g} GB/s "
           f"inter-node per GPU; {args.mfu:.0%} of {args.peak_tflops:g} TFLOP/s")
     print("Per rank per optimizer step. GB = 1e9 bytes sent per rank (ring model); s = at the link bandwidth; "
-          "hidden: comm <= compute; tok/s/GPU and MFU with collectives overlapped, serial: tok/s/GPU without overlap.")
+          "comm = FSDP2's AG + RS + AR; TP = tensor parallelism's activation collectives (GB / s), on the critical "
+          "path; hidden: comm <= compute + TP; tok/s/GPU and MFU with FSDP2's collectives overlapped, serial: "
+          "tok/s/GPU without overlap.")
     print(table(rows))
     print(f"mem GB: mptlike.parallel.memory.estimate_training_memory peak per rank"
           f"{f' (budget {args.memory_budget:g} GB)' if args.recommend else ''}; excludes CUDA context, NCCL "

@@ -132,7 +132,7 @@ def test_validation_and_recommend():
         cv.estimate(tiny(global_batch=3))
     with pytest.raises(ValueError, match="divide"):
         cv.estimate(tiny(gpus=16, dp_shard=6, global_batch=32))
-    best, tried = cv.recommend("mpt-tiny", 16, 64, seq_len=256)
+    best, tried = cv.recommend("mpt-tiny", 16, 64, seq_len=256, tps=(1,))
     assert best is not None and best in tried
     assert {e.plan.dp_shard for e in tried} == {16, 8}
     assert all(best.tokens_per_s_per_gpu >= e.tokens_per_s_per_gpu for e in tried
@@ -147,9 +147,75 @@ def test_cli_prints_a_table():
     assert out.returncode == 0, out.stderr
     lines = [line for line in out.stdout.splitlines() if line.startswith("| mpt-tiny")]
     assert len(lines) == 2
-    assert "| 8 x 2 |" in lines[1]  # 16 GPUs in shard groups of 2: HSDP 8 x 2
+    assert "| 8 x 2 x 1 |" in lines[1]  # 16 GPUs in shard groups of 2: HSDP 8 x 2, no TP
     assert f"{N:,} parameters" in out.stdout
     bad = subprocess.run([sys.executable, str(SCRIPT), "--preset", "mpt-tiny", "--gpus", "2", "--global-batch", "3",
                           "--micro-batch", "1", "--seq-len", "256"], capture_output=True, text=True, timeout=60,
                          cwd=ROOT)
     assert bad.returncode == 2 and "multiple" in bad.stderr
+
+
+def test_tp1_reproduces_the_old_numbers():
+    # Pinned from the calculator before tensor parallelism (SCALING.md's mpt-70b 512-GPU FSDP row).
+    e = cv.estimate(cv.Plan("mpt-70b", 512, 512, 2048, 4, ac_mode="full"))
+    assert e.plan.tp == 1 and e.tp_bytes == 0 and e.tp_s == 0
+    assert (round(e.allgather_bytes / 1e9, 1), round(e.reduce_scatter_bytes / 1e9, 1)) == (257.2, 258.8)
+    assert (round(e.comm_s, 2), round(e.compute_s, 2), round(e.tokens_per_s_per_gpu)) == (10.32, 9.94, 794)
+    assert round(e.memory_bytes / 1e9, 1) == 29.5
+    # And the tiny model by hand, as in test_two_rank_fsdp_by_hand.
+    t = cv.estimate(tiny())
+    assert t.allgather_bytes == pytest.approx(2 * 0.5 * (N + (L - 1) * BLOCK + ROOT_PARAMS) * 2)
+    assert t.step_s_overlapped == max(t.compute_s, t.comm_s)
+
+
+def test_tp_volume_by_hand():
+    # 16 GPUs on two nodes of 8: tp=4 inside a node, 4 data-parallel ranks (FSDP over all of them).
+    plan = tiny(gpus=16, dp_shard=4, tp=4, global_batch=16, micro_batch=2, gpus_per_node=8, ac_mode="full")
+    e = cv.estimate(plan)
+    assert plan.dp == 4 and plan.dp_replicate == 1 and e.accumulation == 2  # 16 / (4 dp x 2)
+    buffer = 2 * 256 * D * 2  # micro-batch x seq x d_model, bf16
+    # Per micro-batch: 4 L per forward, 4 L backward, 4 L recomputed (full AC), norm_f + embedding cut.
+    count = 4 * L + 4 * L + 4 * L + 2
+    assert count == 50
+    assert e.tp_bytes == pytest.approx(2 * (3 / 4) * buffer * count)
+    assert e.tp_s == pytest.approx(e.tp_bytes / 100e9)  # NVLink: the group is in one node
+    plain = cv.estimate(tiny(gpus=16, dp_shard=4, tp=4, global_batch=16, micro_batch=2, gpus_per_node=8))
+    assert plain.tp_bytes == pytest.approx(2 * (3 / 4) * buffer * (8 * L + 2))  # no recompute
+    # FSDP over 4 dp ranks of one TP rank's share: the matrices /4, the norms and the embedding whole.
+    block_tp = 12 * D * D / 4 + 2 * D
+    n_tp = ROOT_PARAMS + L * block_tp
+    gathered = n_tp + (L - 1) * block_tp + ROOT_PARAMS
+    assert e.allgather_bytes == pytest.approx(2 * (3 / 4) * gathered * 2)
+    assert e.reduce_scatter_bytes == pytest.approx(2 * (3 / 4) * n_tp * 4)
+    # The shard group spans 4 x 4 = 16 GPUs, two nodes: inter-node bandwidth.
+    assert e.allgather_s == pytest.approx(e.allgather_bytes / 10e9)
+    # Compute: the model's FLOPs (x 4/3 recompute) plus the head run whole on the 3 other TP ranks.
+    tokens = 16 * 256 / 16
+    flops = tokens * ((6 * N + 12 * L * D * 256) * 4 / 3 + 3 * 6 * V * D)
+    assert e.compute_s == pytest.approx(flops / (0.5 * 1e15))
+    assert e.step_s_overlapped == pytest.approx(max(e.compute_s + e.tp_s, e.comm_s))
+    assert e.step_s_serial == pytest.approx(e.compute_s + e.tp_s + e.comm_s)
+
+    from mptlike.model import MPTConfig
+    from mptlike.parallel.memory import estimate_training_memory
+    from mptlike.parallel.parallelize import ParallelPlan
+    from mptlike.parallel.precision import resolve_precision
+
+    direct = estimate_training_memory(
+        MPTConfig.from_preset("mpt-tiny", max_seq_len=256), micro_batch=2,
+        precision=resolve_precision("bf16", cuda=True, sharded=True), parallel=ParallelPlan(ac_mode="full"),
+        world_size=4, accumulation_steps=2, device="cuda", seq_len=256, tp=4)
+    assert e.memory_bytes == direct.peak_bytes
+
+
+def test_tp_must_fit_a_node_and_recommend_tries_it():
+    with pytest.raises(ValueError, match="per node"):
+        cv.estimate(tiny(gpus=32, dp_shard=2, tp=16, global_batch=32, gpus_per_node=8))
+    with pytest.raises(ValueError, match="divide"):
+        cv.estimate(tiny(gpus=16, dp_shard=3, tp=4, global_batch=16, gpus_per_node=8))
+    best, tried = cv.recommend("mpt-tiny", 16, 64, seq_len=256)
+    assert {e.plan.tp for e in tried} == {1, 2, 4, 8}
+    assert cv.candidate_tp("mpt-tiny", 16, 4) == [1, 2, 4]  # never past a node of 4
+    assert cv.candidate_tp("mpt-tiny", 12, 8) == [1, 2, 4]  # 8 does not divide 12 GPUs
+    assert {(e.plan.dp_shard, e.plan.tp) for e in tried} >= {(16, 1), (8, 1), (2, 4), (4, 4), (8, 2)}
+    assert best is not None and best in tried
