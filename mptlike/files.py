@@ -20,13 +20,14 @@ def temp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp")
 
 
-def atomic_write(path: str | os.PathLike, data: str | bytes) -> Path:
-    """Write `data` to `path` atomically (text as UTF-8); returns the path."""
+def atomic_write(path: str | os.PathLike, data: str | bytes, *, mode: int = 0o666) -> Path:
+    """Write `data` to `path` atomically (text as UTF-8); returns the path. `mode` (less the umask) holds from
+    the first byte, e.g. 0o600 for a file that may carry credentials."""
     path = Path(path)
     tmp = temp_name(path)
     payload = data.encode() if isinstance(data, str) else data
     try:
-        with open(tmp, "wb") as f:
+        with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode), "wb") as f:
             f.write(payload)
             f.flush()
             os.fsync(f.fileno())

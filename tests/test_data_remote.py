@@ -11,6 +11,7 @@ import importlib.util
 import itertools
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -22,12 +23,12 @@ import numpy as np
 import pytest
 from s3_helpers import FaultyProxy, MotoEndpoint, enable_moto_auth, s3_env, use_endpoint
 
-from mptlike.data import TokenDataset, build_loader
+from mptlike.data import TokenDataset, build_loader, remote
 from mptlike.data.cache import SHARDS
 from mptlike.data.manifest import Manifest
 from mptlike.data.prep import main as prep_main
 from mptlike.data.prep import prepare
-from mptlike.data.remote import RemoteSettings, open_remote
+from mptlike.data.remote import RemoteSettings, filesystem_type, open_remote
 from mptlike.errors import MptlikeError
 
 SEQ = 32
@@ -95,6 +96,8 @@ def test_a_bucket_folder_reads_the_same_windows_as_its_local_twin_in_both_splits
         assert len(a) == len(b) and b.where == url
         assert np.array_equal(all_windows(a), all_windows(b))
     assert Manifest.load(b.data_dir).to_dict() == Manifest.load(local).to_dict()
+    # The view's remote.json may hold credentials (data.storage_options): readable by its owner only.
+    assert (Path(b.data_dir) / "remote.json").stat().st_mode & 0o077 == 0
     # Every shard was fetched once, and is in the cache under its sha256.
     names = [s.name for ss in Manifest.load(local).shards.values() for s in ss]
     assert [proxy.gets(f"/json/{n}") for n in names] == [1] * len(names)
@@ -233,6 +236,48 @@ def test_access_denied_by_the_server_is_one_line(endpoint, corpus, monkeypatch, 
     assert "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE" in str(e.value)
 
 
+def test_no_credentials_at_all_is_one_line(endpoint, corpus, monkeypatch, tmp_path):
+    # botocore raises NoCredentialsError, which s3fs passes on as it is: a cluster node without keys.
+    use_endpoint(monkeypatch, endpoint.url)
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(key)
+    with pytest.raises(MptlikeError) as e:
+        TokenDataset(corpus[1], seq_len=SEQ, remote=settings(tmp_path))
+    assert str(e.value).startswith(f"access to s3://{BUCKET}/")
+    assert "was denied (Unable to locate credentials)" in str(e.value)
+    assert "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_a_cache_disk_without_room_is_one_line_and_keeps_nothing_half_written(corpus, proxy, tmp_path):
+    # A real write failure: the child process may not write files over 1000 bytes (RLIMIT_FSIZE: EFBIG, the
+    # kernel's answer a full disk or a quota gives as ENOSPC/EDQUOT). The view is opened here first, so the
+    # child only downloads shards (4 KB each).
+    url = corpus[1]
+    TokenDataset(url, seq_len=SEQ, remote=settings(tmp_path, prefetch_shards=0))  # the child's settings
+    child = textwrap.dedent(f"""
+        import resource, signal, sys
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, 1000))
+        from mptlike.data import TokenDataset
+        from mptlike.data.remote import RemoteSettings
+        from mptlike.errors import MptlikeError
+        ds = TokenDataset({url!r}, seq_len={SEQ}, remote=RemoteSettings(cache_dir={str(tmp_path / "cache")!r},
+                                                                        prefetch_shards=0, backoff_s=0.01))
+        try:
+            ds[0]
+        except MptlikeError as exc:
+            print(exc)
+            sys.exit(3)
+    """)
+    done = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stderr[-2000:]
+    line = done.stdout.strip()
+    assert "\n" not in line and line.startswith(f"the shard cache {tmp_path / 'cache' / SHARDS} ran out of room")
+    assert "data.cache_max_gb" in line and "data.cache_dir" in line
+    assert not [n for n in cached(tmp_path) if n.endswith((".bin", ".tmp"))]
+
+
 def test_the_cache_stays_under_its_bound_by_evicting_least_recently_used_shards(corpus, proxy, tmp_path, caplog):
     local, url = corpus
     bound = 6 * 2 * SHARD_TOKENS  # six shards; a reader pins at most 4 (its minimum) + prefetch_shards
@@ -323,3 +368,39 @@ def test_bad_cache_settings_name_the_key():
         RemoteSettings(prefetch_shards=-1)
     with pytest.raises(MptlikeError, match=r"^data.remote_retries=0 is invalid: use a number of attempts"):
         RemoteSettings(retries=0)
+
+
+MOUNTINFO = r"""22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+40 22 0:40 / /home rw,relatime shared:20 - nfs4 fileserver:/export/home rw,vers=4.2
+41 22 0:41 / /scratch\040space rw,relatime shared:21 - lustre 10.0.0.1@o2ib:/fs rw,flock
+42 40 0:42 / /home/local rw,relatime shared:22 - xfs /dev/nvme0n1 rw
+"""
+
+
+def test_the_file_system_of_a_path_is_that_of_the_longest_mount_point_above_it():
+    assert filesystem_type(Path("/"), MOUNTINFO) == "ext4"
+    assert filesystem_type(Path("/tmp/x"), MOUNTINFO) == "ext4"
+    assert filesystem_type(Path("/home/me/.cache/mptlike"), MOUNTINFO) == "nfs4"
+    assert filesystem_type(Path("/homework"), MOUNTINFO) == "ext4"  # a prefix of the name is not a mount
+    assert filesystem_type(Path("/home/local/cache"), MOUNTINFO) == "xfs"
+    assert filesystem_type(Path("/scratch space/c"), MOUNTINFO) == "lustre"
+    assert filesystem_type(Path("/x"), "") is None
+
+
+def test_a_cache_on_a_shared_file_system_moves_to_local_disk_by_default_and_is_refused_when_chosen(
+        monkeypatch, tmp_path, caplog):
+    # The one function that reads /proc/self/mountinfo answers as a cluster node whose tmp_path is on NFS.
+    monkeypatch.setattr(remote, "_mountinfo", lambda: f"22 1 8:1 / / rw - ext4 /dev/sda1 rw\n"
+                                                      f"40 22 0:40 / {tmp_path} rw - nfs4 srv:/home rw\n")
+    monkeypatch.delenv("MPTLIKE_CACHE", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("TMPDIR", str(tmp_path.parent))
+    with caplog.at_level(logging.WARNING):
+        root = RemoteSettings().root
+    assert root == tmp_path.parent / f"mptlike-cache-{os.getuid()}"
+    assert "nfs4 file system that several nodes share" in caplog.text
+    with pytest.raises(MptlikeError) as e:
+        remote.cache_root(str(tmp_path / "cache"))
+    assert str(e.value).startswith(f"the shard cache {tmp_path / 'cache'} (data.cache_dir or $MPTLIKE_CACHE) is on a "
+                                   "nfs4 file system")
+    assert RemoteSettings(cache_dir=str(tmp_path.parent / "local-cache")).root == tmp_path.parent / "local-cache"

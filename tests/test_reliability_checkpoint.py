@@ -76,11 +76,18 @@ def test_a_fresh_run_refuses_a_run_dir_that_holds_another_runs_config(capsys, co
 def test_credentials_are_redacted_but_counts_named_like_tokens_are_kept():
     key = "wandb-key-0123456789abcdef"
     cfg = {"logger": {"api_key": "x", "tags": [f"key={key}"], "project": "p"}, "hf_token": "hf_x",
-           "db": {"Password": "p", "secret": None}, "sample": {"max_new_tokens": 64}, "tokens_per_step": 8}
+           "db": {"Password": "p", "secret": None}, "sample": {"max_new_tokens": 64}, "tokens_per_step": 8,
+           "storage_options": {"key": "AKIA0", "secret": "s", "endpoint_url": "http://minio:9000",
+                               "client_kwargs": {"aws_secret_access_key": "s", "aws_access_key_id": "AKIA1",
+                                                 "aws_session_token": "t", "region_name": "us-east-1"}}}
     out = redact(cfg, [key])
     assert out == {"logger": {"api_key": REDACTED, "tags": [REDACTED], "project": "p"}, "hf_token": REDACTED,
                    "db": {"Password": REDACTED, "secret": None}, "sample": {"max_new_tokens": 64},
-                   "tokens_per_step": 8}
+                   "tokens_per_step": 8,
+                   "storage_options": {"key": REDACTED, "secret": REDACTED, "endpoint_url": "http://minio:9000",
+                                       "client_kwargs": {"aws_secret_access_key": REDACTED,
+                                                         "aws_access_key_id": REDACTED,
+                                                         "aws_session_token": REDACTED, "region_name": "us-east-1"}}}
 
 
 def test_the_wandb_api_key_is_never_written_into_the_run_dir_or_the_log(capsys, corpus, tmp_path, monkeypatch):

@@ -32,6 +32,7 @@ taken for.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import logging
@@ -61,10 +62,12 @@ log = logging.getLogger(__name__)
 SHARDS = "shards"
 _CHUNK = 8 << 20  # bytes per ranged GET
 _STALE_TMP_S = 3600.0  # a temporary file untouched this long belongs to a download that died
-# Shards a reader keeps mapped (and pinned) between batches: as many as a quarter of the cache bound holds,
+# Shards a reader keeps mapped (and pinned) between batches: as many as a quarter of its share of the cache
+# bound holds (the bound split over the node's LOCAL_WORLD_SIZE ranks),
 # at least 4 and at most 256. A sample in a shard already mapped costs a slice, one in another shard a lock,
 # a stat and a fresh memory map, which across a shuffled dataset would be most samples.
 _READER_MIN, _READER_MAX = 4, 256
+_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a full disk, a quota, a file-size limit
 
 
 @dataclass(frozen=True)
@@ -89,7 +92,9 @@ class Pin:
                 os.utime(self.path)  # its last use, for eviction
             except FileNotFoundError:
                 pass  # the cache folder was deleted: nothing to keep
-            os.close(self.fd)  # a forked child only drops its copy: the parent's lock stays
+        # A forked child (a DataLoader worker) closes its inherited copy too: flock holds while any descriptor
+        # of the open file stays open, so the parent's lock stays, and the child no longer keeps it alive.
+        os.close(self.fd)
         self.fd = -1
 
 
@@ -185,9 +190,17 @@ class ShardCache:
         try:
             # A mismatch may come from the transfer: one more download before the object is blamed.
             for attempt in (1, 2):
-                if self._fetch(fs, shard, tmp) == shard.sha256:
-                    os.replace(tmp, final)
-                    return
+                try:
+                    if self._fetch(fs, shard, tmp) == shard.sha256:
+                        os.replace(tmp, final)
+                        return
+                except OSError as exc:
+                    if exc.errno not in _NO_ROOM:
+                        raise
+                    raise MptlikeError(
+                        f"the shard cache {self.dir} ran out of room while downloading {shard.url} "
+                        f"({os.strerror(exc.errno)}): free space there, set data.cache_max_gb below the free space, "
+                        f"or point data.cache_dir at a larger local disk (nothing half-written was kept)") from None
                 log.warning("%s does not match its sha256 in the manifest (download %d of 2)", shard.url, attempt)
             raise MptlikeError(f"Shard {shard.url} does not match its sha256 in the manifest after 2 downloads: it "
                                f"was changed or damaged in the bucket; re-run `mptlike-prep INPUT... --out "
@@ -305,7 +318,9 @@ class RemoteShards:
         self._pid = os.getpid()
         self._view_checked = time.monotonic()
         largest = max([s.size for s in self.shards] or [1]) or 1
-        share = (settings.max_bytes or 1 << 62) // (4 * largest)
+        # The node's readers (one per local rank) share the bound: each keeps at most a quarter of its share.
+        readers = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+        share = (settings.max_bytes or 1 << 62) // (4 * largest * readers)
         self.keep_open = max(_READER_MIN, min(_READER_MAX, share))
 
     @property

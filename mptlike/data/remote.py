@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import hashlib
 import http.client
 import json
@@ -89,6 +90,65 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "mptlike").expanduser()
 
 
+# File systems one folder of which several nodes see. The cache's flock pins are per process there at best
+# (NFS emulates flock with POSIX record locks) or refused (Lustre without -o flock), and another node could
+# evict a shard this node has mapped: the cache must be node-local.
+NETWORK_FILESYSTEMS = ("nfs", "nfs4", "lustre", "gpfs", "cifs", "smb3", "smbfs", "beegfs", "ceph", "glusterfs",
+                       "fuse.glusterfs", "fuse.sshfs", "9p", "pvfs2", "orangefs", "wekafs")
+
+
+def _mountinfo() -> str:
+    """/proc/self/mountinfo's text ('' where there is none): the one place the mounts are read."""
+    try:
+        return Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return ""
+
+
+def filesystem_type(path: Path, mountinfo: str) -> str | None:
+    """The type of the file system `path` (absolute, resolved) lies on: that of the longest mount point above it."""
+    best, kind = "", None
+    target = str(path)
+    for line in mountinfo.splitlines():
+        head, sep, tail = line.partition(" - ")
+        fields = head.split()
+        if not sep or len(fields) < 5 or not tail.split():
+            continue
+        mount = re.sub(r"\\([0-7]{3})", lambda m: chr(int(m[1], 8)), fields[4])  # "\040" is a space
+        inside = target == mount or target.startswith(mount.rstrip("/") + "/")
+        if inside and len(mount) >= len(best):
+            best, kind = mount, tail.split()[0]
+    return kind
+
+
+def cache_root(cache_dir: str | None) -> Path:
+    """The cache folder for data.cache_dir (None: the default), checked to be node-local.
+
+    A default on a shared file system (a home folder over NFS, the usual case on clusters) moves to the
+    node-local $TMPDIR (else /tmp) with a warning; a folder the user chose there is refused with one line.
+    """
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return _node_local(root, bool(cache_dir or os.environ.get(CACHE_ENV)))
+
+
+@functools.cache
+def _node_local(root: Path, chosen: bool) -> Path:
+    existing = root.absolute()
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    kind = filesystem_type(existing.resolve(), _mountinfo())
+    if kind not in NETWORK_FILESYSTEMS:
+        return root
+    if chosen:
+        raise MptlikeError(f"the shard cache {root} (data.cache_dir or ${CACHE_ENV}) is on a {kind} file system "
+                           f"that several nodes share, where its file locks do not hold: point data.cache_dir at a "
+                           f"node-local disk (e.g. /tmp, $TMPDIR or a local NVMe)")
+    local = Path(os.environ.get("TMPDIR") or "/tmp") / f"mptlike-cache-{os.getuid()}"
+    log.warning("the default shard cache %s is on a %s file system that several nodes share; using the node-local "
+                "%s instead (data.cache_dir chooses another)", root, kind, local)
+    return local
+
+
 @dataclass(frozen=True)
 class RemoteSettings:
     """How remote shards are fetched and cached; the data.* keys of the same names (see the schema)."""
@@ -122,7 +182,7 @@ class RemoteSettings:
 
     @property
     def root(self) -> Path:
-        return Path(self.cache_dir).expanduser() if self.cache_dir else default_cache_dir()
+        return cache_root(self.cache_dir)
 
     @property
     def max_bytes(self) -> int | None:
@@ -171,6 +231,13 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+_CREDENTIAL_ERRORS = {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError", "NoRegionError"}
+
+
+def _is_missing_credentials(exc: BaseException) -> bool:
+    return any(t.__name__ in _CREDENTIAL_ERRORS for t in type(exc).__mro__)
+
+
 _RETRY_FIX = "check the network and the endpoint (data.storage_options, AWS_ENDPOINT_URL), or raise data.remote_retries"
 _UPLOAD_FIX = ("check the network and the endpoint (AWS_ENDPOINT_URL), then run the same command again: the upload "
                "resumes where it stopped, and the manifest is written only once every shard is there")
@@ -197,6 +264,8 @@ class Retry:
             try:
                 return op()
             except Exception as exc:
+                if _is_missing_credentials(exc):  # botocore's, which s3fs passes on untranslated
+                    raise denied_error(url, exc) from None
                 if not is_transient(exc):
                     raise
                 if attempt == self.attempts:
@@ -301,9 +370,8 @@ def write_view(view: Path, files: Mapping[str, bytes]) -> None:
         for name in order:
             path = view / name
             if not (path.is_file() and path.read_bytes() == files[name]):
-                atomic_write(path, files[name])
-                if name == REMOTE_FILE:
-                    os.chmod(path, 0o600)  # it may hold credentials given in data.storage_options
+                # remote.json may hold credentials given in data.storage_options: never readable by others.
+                atomic_write(path, files[name], mode=0o600 if name == REMOTE_FILE else 0o666)
 
 
 def read_view(view: Path) -> tuple[str, RemoteSettings] | None:

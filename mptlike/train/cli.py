@@ -309,8 +309,9 @@ def _config_yaml(cfg) -> str:
     from omegaconf import OmegaConf
 
     from mptlike.train.config import config_to_dict
+    from mptlike.train.redact import redact
 
-    return OmegaConf.to_yaml(config_to_dict(cfg))
+    return OmegaConf.to_yaml(redact(config_to_dict(cfg)))
 
 
 def _train(plan, job: str = "") -> int:

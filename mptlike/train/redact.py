@@ -14,7 +14,10 @@ from collections.abc import Mapping
 from typing import Any
 
 REDACTED = "<redacted>"
-SECRET_KEY = re.compile(r"(^|[_.-])(api_?key|token|secret|password|passwd)$", re.IGNORECASE)
+# Also the names fsspec back ends take in data.storage_options: s3fs `key`/`secret`/`token`, botocore's
+# `aws_secret_access_key`/`aws_access_key_id`/`aws_session_token`, adlfs `account_key`.
+SECRET_KEY = re.compile(r"(^|[_.-])(api_?key|token|secret|password|passwd|secret_access_key|access_key_id|"
+                        r"account_key)$|^key$", re.IGNORECASE)
 SECRET_ENV = ("WANDB_API_KEY", "HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 _MIN_SECRET_LEN = 8  # shorter environment values would redact ordinary words
 
