@@ -352,3 +352,24 @@ def test_a_delete_that_cannot_apply_is_one_line(capsys, tmp_path, override, word
     code, _, err = run(capsys, [f"run_dir={tmp_path / 'run'}", override])
     assert code == 2 and words in one_error_line(err)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("override", [
+    'data.storage_options={endpoint_url: "http://minio:9000", key: AKIA0, secret: s3cr3t}',
+    "data.storage_options.endpoint_url=http://minio:9000",
+    "+data.storage_options.endpoint_url=http://minio:9000",
+])
+def test_storage_options_take_the_users_own_keys_without_hydras_plus(override):
+    # fsspec's options are the user's names, which a structured config cannot list: plain KEY=VALUE must work.
+    cfg = to_train_config(compose_config(["data=folder", "data.path=s3://bucket/prefix", override]))
+    assert cfg.data.storage_options["endpoint_url"] == "http://minio:9000"
+    assert compose_config(["data=folder", "data.path=s3://b/p"]).data.storage_options == {}
+
+
+def test_cfg_redacts_credentials_given_as_storage_options(capsys):
+    assert main(["data=folder", "data.path=s3://bucket/prefix",
+                 'data.storage_options={endpoint_url: "http://minio:9000", key: AKIA0, secret: s3cr3t}', "--cfg"]) == 0
+    out = capsys.readouterr().out
+    options = yaml.safe_load(out)["data"]["storage_options"]
+    assert options == {"endpoint_url": "http://minio:9000", "key": "<redacted>", "secret": "<redacted>"}
+    assert "s3cr3t" not in out and "AKIA0" not in out

@@ -328,7 +328,7 @@ def compose_config(overrides: Sequence[str], folder: Path | None = None, *, conf
     with _hydra_search_path(folder, config_dir, searchpath) as loader:
         groups = set(loader.list_groups(""))
         resets = [i for i, o in enumerate(kept) if _is_key_delete(o, groups)]
-        given = [o.input_line for i, o in enumerate(kept) if i not in resets]
+        given = [_into_open_dict(o) for i, o in enumerate(kept) if i not in resets]
         try:
             cfg = compose(config_name=config_name, overrides=given)
         except MissingConfigException as exc:
@@ -543,6 +543,20 @@ def _sweep_without_multirun(override: Any) -> str:
 def _missing_primary(name: str, folder: Path, config_dir: Path | None, searchpath: Sequence[str]) -> str:
     places = ([f"--config-dir {config_dir}"] if config_dir else []) + [str(folder)] + list(searchpath)
     return f"--config-name {name}: there is no {name}.yaml in {', '.join(places)}"
+
+
+# Dicts whose keys are the user's own (fsspec's storage options): Hydra's struct mode refuses a key that
+# is not there yet unless the override says `++`, which a user of these keys should not need to know.
+OPEN_DICTS = ("data.storage_options",)
+
+
+def _into_open_dict(override: Any) -> str:
+    """The override as Hydra should read it: `++KEY...` for a plain `KEY...=VALUE` into an OPEN_DICTS entry."""
+    line, key = override.input_line, override.key_or_group
+    plain = override.package is None and not line.startswith(("+", "~"))
+    if plain and any(key == k or key.startswith(k + ".") for k in OPEN_DICTS):
+        return "++" + line
+    return line
 
 
 def _is_key_delete(override: Any, groups: set[str]) -> bool:
