@@ -66,6 +66,7 @@ from mptlike.model import MPTConfig, MPTForCausalLM
 from mptlike.parallel.memory import block_parameters_per_rank, estimate_training_memory
 from mptlike.parallel.parallelize import ParallelPlan
 from mptlike.parallel.precision import resolve_precision
+from mptlike.parallel.tensor_parallel import valid_tp_degrees
 
 GB = 1e9
 H100_PEAK = 989e12  # dense bf16, H100 SXM datasheet (mptlike.train.flops)
@@ -325,9 +326,8 @@ def candidate_shards(gpus: int, gpus_per_node: int, tp: int = 1) -> list[int]:
 
 def candidate_tp(preset: str, gpus: int, gpus_per_node: int) -> list[int]:
     """1, 2, 4, 8 where they fit in a node, divide the GPUs and split the model into whole heads."""
-    cfg = MPTConfig.from_preset(preset)
-    return [t for t in (1, 2, 4, 8) if t <= gpus_per_node and gpus % t == 0 and cfg.n_heads % t == 0
-            and cfg.kv_n_heads % t == 0 and cfg.ffn_hidden_size % t == 0]
+    valid = valid_tp_degrees(MPTConfig.from_preset(preset), gpus)  # what parallel.tp accepts for this model
+    return [t for t in (1, 2, 4, 8) if t <= gpus_per_node and t in valid]
 
 
 def recommend(preset: str, gpus: int, global_batch: int, memory_budget: float = 70 * GB,

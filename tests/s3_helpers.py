@@ -5,12 +5,13 @@ directly or through `FaultyProxy`, which forwards byte streams and can reset con
 response in the middle of its body, and log every request it saw.
 """
 
+import contextlib
 import os
 import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -40,6 +41,17 @@ class MotoEndpoint:
 
     def stop(self) -> None:
         self.server.stop()
+
+
+@contextlib.contextmanager
+def endpoint_with_bucket(bucket: str) -> Iterator[MotoEndpoint]:
+    """A started MotoEndpoint holding an empty `bucket`, stopped on exit (a module fixture's body)."""
+    e = MotoEndpoint()
+    try:
+        e.client().create_bucket(Bucket=bucket)
+        yield e
+    finally:
+        e.stop()
 
 
 def s3_env(endpoint_url: str, key: str = "testing", secret: str = "testing") -> dict[str, str]:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from s3_helpers import FaultyProxy, MotoEndpoint, enable_moto_auth, s3_env, use_endpoint
+from s3_helpers import FaultyProxy, enable_moto_auth, endpoint_with_bucket, s3_env, use_endpoint
 
 from mptlike.data import TokenDataset, build_loader, remote
 from mptlike.data.cache import SHARDS
@@ -40,10 +40,8 @@ VAL = [textwrap.__file__]
 
 @pytest.fixture(scope="module")
 def endpoint():
-    e = MotoEndpoint()
-    e.client().create_bucket(Bucket=BUCKET)
-    yield e
-    e.stop()
+    with endpoint_with_bucket(BUCKET) as e:
+        yield e
 
 
 @pytest.fixture(scope="module")

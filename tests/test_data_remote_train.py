@@ -7,7 +7,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from s3_helpers import FaultyProxy, MotoEndpoint, use_endpoint
+from s3_helpers import FaultyProxy, endpoint_with_bucket, use_endpoint
 from train_helpers import losses, tiny_args, torchrun
 
 from mptlike.cli.eval import main as eval_main
@@ -21,10 +21,8 @@ LIB = Path(json.__file__).parent.parent
 
 @pytest.fixture(scope="module")
 def endpoint():
-    e = MotoEndpoint()
-    e.client().create_bucket(Bucket=BUCKET)
-    yield e
-    e.stop()
+    with endpoint_with_bucket(BUCKET) as e:
+        yield e
 
 
 @pytest.fixture(scope="module")
